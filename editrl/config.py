@@ -1,0 +1,402 @@
+"""Recipes: pydantic models, YAML loading, `section.field=value` overrides and derived values.
+
+Everything that can be wrong in a recipe is caught here, before any model is built, and reported as
+one `RecipeError` line naming the key path (and a did-you-mean suggestion for misspelt names).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from editrl.policy import LoraOptions, StrictModel
+from editrl.registry import DATASETS, POLICIES, REWARDS, RegistryError, did_you_mean
+
+
+class RecipeError(ValueError):
+    """A recipe problem, worded for the user (one line, key path first)."""
+
+
+class RunConfig(StrictModel):
+    name: str = "run"
+    output_dir: str = "runs/${run.name}"
+    seed: int = 0
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    threads: int | None = None  # torch intra-op threads; None = torch's default
+
+
+class PolicyConfig(StrictModel):
+    name: str
+    init_from: str | None = None  # a checkpoint directory whose trainable weights start this run
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataSource(StrictModel):
+    kind: str = "prompts"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(StrictModel):
+    train: DataSource = Field(default_factory=DataSource)
+    eval: DataSource | None = None
+    shuffle: bool = True
+
+
+class RewardTerm(StrictModel):
+    name: str
+    weight: float = 1.0
+    label: str | None = None  # defaults to name; needed when one reward is used twice
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class RewardsConfig(StrictModel):
+    aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    on_failure: Literal["skip", "fail"] = "skip"  # invalid scores: exclude the samples, or stop the run
+    terms: list[RewardTerm] = Field(default_factory=list)
+
+    def weights(self) -> dict[str, float]:
+        return {t.key: t.weight for t in self.terms}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_shorthand(cls, v: Any) -> Any:
+        return {"terms": v} if isinstance(v, list) else v
+
+
+class SdeWindow(StrictModel):
+    """Where the SDE runs (ODE elsewhere): all steps, or a window of `size` steps (MixGRPO / Flow-GRPO-Fast)."""
+
+    size: int | None = None
+    position: Literal["random", "fixed", "sliding"] = "random"
+    start: int = 0  # for fixed
+    stride: int = 1  # for sliding: moves this many steps per training step
+
+
+class SamplingConfig(StrictModel):
+    steps: int = Field(10, ge=1)
+    shift: float = Field(3.0, gt=0)
+    sde: str = "flow_sde"
+    noise_level: float = Field(0.7, ge=0)
+    window: SdeWindow = Field(default_factory=SdeWindow)
+    guidance_scale: float = 1.0  # >1 turns on classifier-free guidance where the policy supports it
+    eval_steps: int | None = None  # ODE steps for evaluation/inference; None = steps
+
+    @field_validator("sde")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        from editrl.sde import SDE_KINDS
+
+        if v not in SDE_KINDS.names():
+            raise ValueError(f"unknown sde kind {v!r}{did_you_mean(v, SDE_KINDS.names())}; known: {', '.join(SDE_KINDS.names())}")
+        return v
+
+
+class GrpoConfig(StrictModel):
+    group_size: int = Field(4, ge=2)
+    batch_size: int = Field(8, ge=2)  # samples per optimisation step, all ranks together
+    micro_batch_size: int | None = None  # samples per forward; None = group_size
+    minibatches: int = Field(1, ge=1)  # optimiser updates per rollout batch (PPO-style; >1 makes clipping bite)
+    clip_range: float = Field(1e-4, gt=0)
+    beta: float = Field(0.0, ge=0)  # KL weight against the adapter-disabled reference
+    adv_clip: float = Field(5.0, gt=0)
+    scale: Literal["group", "batch", "none"] = "group"
+    trained_steps: int | None = None  # train this many of the SDE steps (random subset); None = all
+    skip_tied_groups: bool = True
+    async_rewards: bool = True
+    loss: str = "ppo_clip"
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        from editrl.grpo import LOSSES
+
+        if v not in LOSSES.names():
+            raise ValueError(f"unknown loss {v!r}{did_you_mean(v, LOSSES.names())}; known: {', '.join(LOSSES.names())}")
+        return v
+
+
+class EmaConfig(StrictModel):
+    enabled: bool = False
+    decay: float = Field(0.99, gt=0, lt=1)
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    warmup_steps: int = Field(0, ge=0)
+    lora: LoraOptions | None = Field(default_factory=LoraOptions)
+    ema: EmaConfig = Field(default_factory=EmaConfig)
+
+
+class TrainConfig(StrictModel):
+    steps: int = Field(20, ge=1)
+    log_every: int = Field(1, ge=1)
+    save_every: int = Field(10, ge=1)
+    eval_every: int | None = None
+    sample_every: int | None = None  # save source|edited videos every N steps
+    keep_checkpoints: int = Field(2, ge=1)
+    progress: bool = True
+
+
+class DistributedConfig(StrictModel):
+    backend: Literal["none", "deepspeed"] = "none"
+    zero_stage: Literal[2, 3] = 2
+    offload: Literal["none", "cpu"] = "none"
+    config: str | None = None  # a DeepSpeed JSON merged over the generated one
+
+
+class Recipe(StrictModel):
+    run: RunConfig = Field(default_factory=RunConfig)
+    policy: PolicyConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir.replace("${run.name}", self.run.name))
+
+
+class Layout(StrictModel):
+    """Values derived from a recipe and the world size; never written in YAML."""
+
+    world_size: int
+    groups_per_step: int
+    groups_per_rank: int
+    samples_per_rank: int
+    micro_batch_size: int
+    micro_batches_per_update: int
+    grad_accumulation: int  # backward passes per optimiser update (micro-batches x trained steps)
+    trained_steps: int
+    sde_steps: int
+
+
+def derive_layout(recipe: Recipe, world_size: int = 1) -> Layout:
+    g = recipe.grpo
+    if g.batch_size % g.group_size:
+        raise RecipeError(
+            f"grpo.batch_size={g.batch_size} is not a multiple of grpo.group_size={g.group_size}: "
+            f"try grpo.batch_size={max(g.group_size, g.batch_size // g.group_size * g.group_size)}"
+        )
+    groups = g.batch_size // g.group_size
+    if groups % world_size:
+        raise RecipeError(
+            f"grpo.batch_size={g.batch_size} makes {groups} groups, which do not split over {world_size} ranks "
+            "(each group lives on one rank)"
+        )
+    per_rank = g.batch_size // world_size
+    mb = g.micro_batch_size or g.group_size
+    if per_rank % mb:
+        raise RecipeError(f"grpo.micro_batch_size={mb} does not divide the {per_rank} samples per rank")
+    micro = per_rank // mb
+    if micro % g.minibatches:
+        raise RecipeError(f"grpo.minibatches={g.minibatches} does not divide the {micro} micro-batches per rank")
+    s = recipe.sampling
+    sde_steps = s.window.size if s.window.size is not None else s.steps - 1
+    if not 1 <= sde_steps <= s.steps - 1:
+        raise RecipeError(f"sampling.window.size={s.window.size} must be between 1 and sampling.steps-1={s.steps - 1}")
+    if s.window.position == "fixed" and s.window.start + sde_steps > s.steps - 1:
+        raise RecipeError(f"sampling.window.start={s.window.start} puts the window past the last SDE step {s.steps - 2}")
+    trained = g.trained_steps if g.trained_steps is not None else sde_steps
+    if not 1 <= trained <= sde_steps:
+        raise RecipeError(f"grpo.trained_steps={g.trained_steps} must be between 1 and the {sde_steps} SDE steps")
+    return Layout(
+        world_size=world_size,
+        groups_per_step=groups,
+        groups_per_rank=groups // world_size,
+        samples_per_rank=per_rank,
+        micro_batch_size=mb,
+        micro_batches_per_update=micro // g.minibatches,
+        grad_accumulation=micro // g.minibatches * trained,
+        trained_steps=trained,
+        sde_steps=sde_steps,
+    )
+
+
+# ---------------------------------------------------------------- loading, overrides, errors
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML, so `3`, `1e-4`, `[a, b]`, `null` work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"override {text!r} is not of the form section.field=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node: Any = tree
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, path[: i + 1])]
+            continue
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+    last = path[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, path)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list[Any], part: str, path: list[str]) -> int:
+    if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+        raise RecipeError(f"{'.'.join(path)}: {part!r} is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def _format_error(err: dict[str, Any], root: type[StrictModel]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    path = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(root, err["loc"][:-1])
+        hint = did_you_mean(loc[-1], list(parent.model_fields)) if parent else ""
+        return f"{path}: unknown key{hint}"
+    if err["type"] == "missing":
+        return f"{path}: required"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{path}: {msg}" + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else "")
+
+
+def _model_at(root: type[StrictModel], loc: tuple[Any, ...]) -> type[StrictModel] | None:
+    """The pydantic model class reached by following `loc` from `root` (through lists and optionals)."""
+    import typing
+
+    model: Any = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *typing.get_args(ann)]
+        for c in list(candidates):
+            candidates += list(typing.get_args(c))
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, StrictModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def validate_model(model: type[StrictModel], data: Any, prefix: str = "") -> Any:
+    """`model.model_validate` whose errors become one RecipeError line per problem."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        lines = [_format_error(err, model) for err in e.errors()]
+        raise RecipeError("; ".join(prefix + line for line in lines)) from None
+
+
+def load_recipe(
+    source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = (), check_paths: bool = True
+) -> Recipe:
+    """Read, override, validate and cross-check a recipe. Raises RecipeError with a one-line message.
+
+    `check_paths=False` skips data and init paths (a checkpoint's recipe, read back only to rebuild the policy).
+    """
+    if isinstance(source, dict):
+        tree = source
+    else:
+        path = resolve_recipe_path(source)
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(tree).__name__}")
+    for item in overrides:
+        apply_override(tree, *parse_override(item))
+    recipe = validate_model(Recipe, tree)
+    check_plugins(recipe, check_paths)
+    derive_layout(recipe)
+    return recipe
+
+
+def check_plugins(recipe: Recipe, check_paths: bool = True) -> None:
+    """Plugin names exist and their options validate — still before any model is built."""
+    from editrl.reward import reward_options_model
+
+    def lookup(registry: Any, name: str, where: str) -> Any:
+        try:
+            return registry.get(name)
+        except RegistryError as e:
+            raise RecipeError(f"{where}: {e}") from None
+
+    policy_cls = lookup(POLICIES, recipe.policy.name, "policy.name")
+    if getattr(policy_cls, "Options", None) is not None:
+        validate_model(policy_cls.Options, recipe.policy.options, "policy.options.")
+    if check_paths and recipe.policy.init_from is not None and not Path(recipe.policy.init_from).exists():
+        raise RecipeError(f"policy.init_from: {recipe.policy.init_from} does not exist")
+    for split in ("train", "eval"):
+        src = getattr(recipe.data, split)
+        if src is None:
+            continue
+        cls = lookup(DATASETS, src.kind, f"data.{split}.kind")
+        if getattr(cls, "Options", None) is not None:
+            opts = validate_model(cls.Options, src.options, f"data.{split}.options.")
+            check = getattr(opts, "check", None)
+            if check is not None and check_paths:
+                try:
+                    check()
+                except (ValueError, FileNotFoundError) as e:
+                    raise RecipeError(f"data.{split}.options: {e}") from None
+    if not recipe.rewards.terms:
+        raise RecipeError("rewards: at least one reward is needed (see `editrl rewards` for the list)")
+    keys = [t.key for t in recipe.rewards.terms]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup:
+        raise RecipeError(f"rewards: {dup!r} appears twice; give one of them a `label`")
+    for i, term in enumerate(recipe.rewards.terms):
+        lookup(REWARDS, term.name, f"rewards.terms.{i}.name")
+        opts = reward_options_model(term.name)
+        if opts is not None:
+            validate_model(opts, term.options, f"rewards.terms.{i}.options.")
+
+
+def resolve_recipe_path(source: str | Path) -> Path:
+    """A path, or the name of a bundled recipe (`quickstart`, `viva_grpo`, ...)."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    bundled = bundled_recipes()
+    name = path.name.removesuffix(".yaml")
+    if name in bundled and str(path.parent) in (".", "recipes"):
+        return bundled[name]
+    hint = did_you_mean(name, list(bundled))
+    raise RecipeError(f"recipe {str(source)!r} not found{hint}; bundled recipes: {', '.join(sorted(bundled)) or 'none'}")
+
+
+def bundled_recipes() -> dict[str, Path]:
+    """Recipes shipped in the package (the repo's recipes/ folder), by name."""
+    from importlib import resources
+
+    root = Path(str(resources.files("editrl.recipes")))
+    return {p.stem: p for p in sorted(root.glob("*.yaml"))}
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    """The fully resolved recipe (defaults filled in), so a run directory says exactly what ran."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+

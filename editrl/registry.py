@@ -1,0 +1,140 @@
+"""Name -> factory registries for every pluggable concept (policies, rewards, SDE kinds, datasets).
+
+A plugin is found in one of three ways, in this order: registered in code (decorator), registered by
+a Python entry point of the registry's group (so a user's package needs no change in editrl), or
+named directly as a lazy ``"pkg.module:Attr"`` string in a recipe.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from importlib import metadata
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+class RegistryError(KeyError):
+    """Unknown, duplicate or unloadable plugin name; the message is meant for the user as is."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def did_you_mean(name: str, choices: list[str] | tuple[str, ...] | set[str]) -> str:
+    """' (did you mean 'x'?)' or '' — used by every error about a misspelt name."""
+    close = difflib.get_close_matches(name, sorted(choices), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
+
+
+def import_string(path: str) -> Any:
+    """Resolve ``"pkg.mod:Attr"`` (or ``"pkg.mod:Outer.inner"``)."""
+    module_name, _, attr = path.partition(":")
+    if not attr:
+        raise RegistryError(f"{path!r} is not of the form 'package.module:attribute'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RegistryError(f"cannot import module {module_name!r} for {path!r}: {e}") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RegistryError(f"module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+class Registry(Generic[T]):
+    """A named collection of factories. Values may be registered lazily as import strings."""
+
+    def __init__(self, kind: str, entry_point_group: str | None = None, builtins: dict[str, str] | None = None) -> None:
+        self.kind = kind
+        self.group = entry_point_group
+        self._items: dict[str, T | str] = dict(builtins or {})
+        self._entry_points_loaded = False
+
+    def register(self, name: str, obj: T | str | None = None) -> Any:
+        """`registry.register("x", Factory)`, `registry.register("x", "pkg.mod:Factory")` or as a decorator."""
+        if obj is None:
+
+            def deco(o: T) -> T:
+                self.register(name, o)
+                return o
+
+            return deco
+        if name in self._items and self._items[name] is not obj:
+            raise RegistryError(f"{self.kind} {name!r} is already registered ({self._describe(name)})")
+        self._items[name] = obj
+        return obj
+
+    def _describe(self, name: str) -> str:
+        v = self._items[name]
+        return v if isinstance(v, str) else f"{getattr(v, '__module__', '?')}:{getattr(v, '__qualname__', v)}"
+
+    def _load_entry_points(self) -> None:
+        if self._entry_points_loaded or self.group is None:
+            return
+        self._entry_points_loaded = True
+        for ep in metadata.entry_points(group=self.group):
+            if ep.name in self._items:
+                if self._items[ep.name] == ep.value:
+                    continue
+                raise RegistryError(
+                    f"{self.kind} {ep.name!r} from entry point {ep.value!r} clashes with {self._describe(ep.name)}"
+                )
+            self._items[ep.name] = ep.value
+
+    def names(self) -> list[str]:
+        self._load_entry_points()
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        self._load_entry_points()
+        return name in self._items or (":" in name)
+
+    def get(self, name: str) -> T:
+        """The factory for `name`, importing it if it was registered lazily."""
+        self._load_entry_points()
+        if name not in self._items:
+            if ":" in name:
+                return import_string(name)
+            raise RegistryError(f"unknown {self.kind} {name!r}{did_you_mean(name, self.names())}; known: {', '.join(self.names())}")
+        obj = self._items[name]
+        if isinstance(obj, str):
+            obj = import_string(obj)
+            self._items[name] = obj
+        return obj
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        factory: Callable[..., Any] = self.get(name)  # type: ignore[assignment]
+        return factory(*args, **kwargs)
+
+
+# Built-in plugins, registered lazily so that importing editrl imports no model code.
+POLICIES: Registry[Any] = Registry(
+    "policy",
+    "editrl.policies",
+    {
+        "toy_t2v": "editrl.policies.toy:ToyT2VPolicy",
+    },
+)
+REWARDS: Registry[Any] = Registry(
+    "reward",
+    "editrl.rewards",
+    {
+        "brightness": "editrl.rewards.simple:Brightness",
+        "target_color": "editrl.rewards.simple:TargetColor",
+    },
+)
+DATASETS: Registry[Any] = Registry(
+    "dataset",
+    "editrl.datasets",
+    {
+        "prompts": "editrl.data.prompts:PromptDataset",
+    },
+)

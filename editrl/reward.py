@@ -1,0 +1,124 @@
+"""The reward contract, and the one place that turns recipe reward entries into callables.
+
+A reward is either
+- a class with `needs` (which inputs it reads), optional `Options` (a StrictModel of its recipe options)
+  and `__call__(batch: RewardBatch) -> RewardOutput` (may be `async def`), or
+- a plain function in trl's convention: `fn(instructions, sources, edited, references, **kw) ->
+  list[float | None]`, where None means "no score" (it is excluded, never read as 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+from editrl.types import RewardBatch, RewardOutput
+
+ALL_NEEDS = frozenset({"instruction", "source", "edited", "reference", "target", "mask", "category"})
+
+
+@runtime_checkable
+class Reward(Protocol):
+    needs: ClassVar[set[str]] | set[str]
+
+    def __call__(self, batch: RewardBatch) -> RewardOutput: ...
+
+
+class FunctionReward:
+    """Adapts a trl-style reward function: per-sample lists in, list of float | None out."""
+
+    def __init__(self, fn: Callable[..., Any], options: dict[str, Any]) -> None:
+        self.fn = fn
+        self.options = options
+        self.needs = set(ALL_NEEDS)
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.__name__ = getattr(fn, "__name__", "reward")
+
+    def _kwargs(self, batch: RewardBatch) -> dict[str, Any]:
+        def unbatch(t: torch.Tensor | None) -> list[Any]:
+            return list(t.unbind(0)) if t is not None else [None] * len(batch)
+
+        return dict(
+            instructions=batch.instructions,
+            sources=unbatch(batch.sources),
+            edited=unbatch(batch.edited),
+            references=batch.references or [None] * len(batch),
+            targets=unbatch(batch.targets),
+            masks=batch.masks or [None] * len(batch),
+            categories=batch.categories or [None] * len(batch),
+            **self.options,
+        )
+
+    def _wrap(self, values: Any, n: int) -> RewardOutput:
+        if isinstance(values, RewardOutput):
+            return values
+        values = list(values)
+        if len(values) != n:
+            raise ValueError(f"reward {self.__name__} returned {len(values)} values for a batch of {n}")
+        return RewardOutput.from_list(values)
+
+    def __call__(self, batch: RewardBatch) -> Any:
+        if self.is_async:
+
+            async def run() -> RewardOutput:
+                return self._wrap(await self.fn(**self._kwargs(batch)), len(batch))
+
+            return run()
+        return self._wrap(self.fn(**self._kwargs(batch)), len(batch))
+
+
+def build_reward(name: str, options: dict[str, Any]) -> Any:
+    """A reward object from a registry name or `module:attr`, with its options validated."""
+    from editrl.registry import REWARDS
+
+    obj = REWARDS.get(name)
+    if inspect.isclass(obj):
+        opts_cls = getattr(obj, "Options", None)
+        if opts_cls is not None:
+            return obj(opts_cls.model_validate(options))
+        return obj(**options)
+    if callable(obj):
+        return FunctionReward(obj, options)
+    raise TypeError(f"reward {name!r} resolves to {obj!r}, which is neither a class nor a function")
+
+
+def reward_options_model(name: str) -> Any:
+    """The pydantic model of a reward's options, or None (used to validate recipes before building)."""
+    from editrl.registry import REWARDS
+
+    obj = REWARDS.get(name)
+    return getattr(obj, "Options", None) if inspect.isclass(obj) else None
+
+
+async def _call(reward: Any, batch: RewardBatch) -> RewardOutput:
+    out = reward(batch)
+    if inspect.isawaitable(out):
+        out = await out
+    if not isinstance(out, RewardOutput):
+        raise TypeError(f"reward {type(reward).__name__} returned {type(out).__name__}, expected RewardOutput")
+    if out.scores.numel() != len(batch):
+        raise ValueError(f"reward {type(reward).__name__} returned {out.scores.numel()} scores for {len(batch)} samples")
+    return out
+
+
+class RewardSet:
+    """The recipe's weighted rewards; scores a batch with all of them, async ones concurrently."""
+
+    def __init__(self, terms: list[tuple[str, float, Any]]) -> None:
+        self.names = [n for n, _, _ in terms]
+        self.weights = {n: w for n, w, _ in terms}
+        self.rewards = {n: r for n, _, r in terms}
+
+    @property
+    def needs(self) -> set[str]:
+        return set().union(*(set(getattr(r, "needs", ALL_NEEDS)) for r in self.rewards.values()))
+
+    async def ascore(self, batch: RewardBatch) -> dict[str, RewardOutput]:
+        outs = await asyncio.gather(*(_call(r, batch) for r in self.rewards.values()))
+        return dict(zip(self.names, outs))
+
+    def score(self, batch: RewardBatch) -> dict[str, RewardOutput]:
+        return asyncio.run(self.ascore(batch))

@@ -1,0 +1,101 @@
+"""Sampling trajectories from a policy without gradients: SDE inside a window of steps, ODE elsewhere."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from editrl import sde
+from editrl.config import SdeWindow
+from editrl.policy import Policy
+from editrl.types import Condition, EditSample, Trajectory
+
+
+def plan_steps(
+    num_steps: int,
+    window: SdeWindow,
+    trained_steps: int | None,
+    iteration: int,
+    generator: torch.Generator,
+) -> tuple[list[int], list[int]]:
+    """(SDE steps, trained steps) for one training iteration.
+
+    Candidates are steps 0..num_steps-2: the last step lands on sigma=0, where several kinds have no noise.
+    `random` draws the window start each iteration, `sliding` moves it by `stride` per iteration (MixGRPO),
+    `fixed` keeps it. Trained steps are a random subset of the SDE steps (Flow-GRPO-Fast).
+    """
+    candidates = num_steps - 1
+    size = window.size if window.size is not None else candidates
+    slots = candidates - size + 1
+    if window.size is None:
+        start = 0
+    elif window.position == "random":
+        start = int(torch.randint(slots, (1,), generator=generator))
+    elif window.position == "sliding":
+        start = (window.start + iteration * window.stride) % slots
+    else:
+        start = window.start
+    sde_steps = list(range(start, start + size))
+    k = trained_steps if trained_steps is not None else size
+    pick = torch.randperm(size, generator=generator)[:k].sort().values
+    return sde_steps, [sde_steps[int(i)] for i in pick]
+
+
+@torch.no_grad()
+def rollout(
+    policy: Policy,
+    cond: Condition,
+    sigmas: Tensor,
+    *,
+    sde_steps: list[int],
+    trained_steps: list[int],
+    kind: str,
+    noise_level: float,
+    generator: torch.Generator,
+) -> Trajectory:
+    """Sample a batch of trajectories and keep (x, x_next, log p) at the trained steps only."""
+    x = policy.init_noise(cond, generator)
+    batch = x.shape[0]
+    sde_set, keep = set(sde_steps), set(trained_steps)
+    latents, nexts, logps = [], [], []
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
+        v = policy.velocity(x, torch.full((batch,), sigma, device=x.device), cond)
+        out = sde.step(
+            kind if i in sde_set else "ode", x, v, sigma, sigma_next, noise_level=noise_level, generator=generator
+        )
+        if i in keep:
+            latents.append(x.float())
+            nexts.append(out.prev_sample)
+            logps.append(out.log_prob)
+        x = out.prev_sample.to(x.dtype)
+    idx = torch.tensor(trained_steps, dtype=torch.long)
+    return Trajectory(
+        steps=list(trained_steps),
+        sigmas=sigmas[idx].clone(),
+        sigmas_next=sigmas[idx + 1].clone(),
+        latents=torch.stack(latents, 1),
+        next_latents=torch.stack(nexts, 1),
+        log_probs=torch.stack(logps, 1),
+        final=x,
+    )
+
+
+@torch.no_grad()
+def sample_ode(policy: Policy, cond: Condition, steps: int, shift: float, generator: torch.Generator) -> Tensor:
+    """Deterministic sampling (evaluation, inference): x0 latents."""
+    sigmas = sde.sigma_schedule(steps, shift)
+    x = policy.init_noise(cond, generator)
+    for i in range(steps):
+        sigma = sigmas[i].item()
+        v = policy.velocity(x, torch.full((x.shape[0],), sigma, device=x.device), cond)
+        x = (x.float() + (sigmas[i + 1].item() - sigma) * v.float()).to(x.dtype)
+    return x
+
+
+@torch.no_grad()
+def edit_videos(policy: Policy, samples: list[EditSample], steps: int, shift: float, seed: int) -> Tensor:
+    """Encode, sample and decode a batch of requests: (B, T, C, H, W) pixels in [0, 1]."""
+    cond = policy.encode(samples)
+    generator = torch.Generator().manual_seed(seed)
+    return policy.decode(sample_ode(policy, cond, steps, shift, generator))

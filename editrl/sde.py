@@ -1,0 +1,130 @@
+"""One denoising step of a flow-matching sampler, and the Gaussian log-probability of its sample.
+
+Convention (DESIGN.md §4): x_sigma = (1 - sigma) x0 + sigma eps and the model predicts v = eps - x0; sampling
+runs sigma from 1 to 0, so dt = sigma_next - sigma < 0. Every kind is a pure function of
+(x, v, sigma, sigma_next) returning the Gaussian transition N(mean, std^2); `step` draws from it (rollout) or
+scores a given sample (training). Maths runs in float32 whatever dtype the model used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from editrl.registry import Registry
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass
+class SdeStep:
+    prev_sample: Tensor  # x at sigma_next
+    mean: Tensor  # mean of the transition
+    std: Tensor  # (B, 1, ..., 1) std of the transition (0 for deterministic kinds)
+    log_prob: Tensor  # (B,) mean over non-batch dims of the per-element Gaussian log-density (0 for ode)
+
+
+Transition = Callable[[Tensor, Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
+SDE_KINDS: Registry[Transition] = Registry("sde kind")
+
+
+def _expand(s: float | Tensor, like: Tensor) -> Tensor:
+    """A float or (B,) sigma as float32 (B, 1, ..., 1) broadcastable against `like`."""
+    t = torch.as_tensor(s, dtype=torch.float32, device=like.device)
+    if t.ndim == 0:
+        t = t.expand(like.shape[0])
+    return t.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+@SDE_KINDS.register("flow_sde")
+def flow_sde(x: Tensor, v: Tensor, t: Tensor, t_next: Tensor, a: float) -> tuple[Tensor, Tensor]:
+    """Flow-GRPO's ODE->SDE conversion, marginal-preserving; std_t = a sqrt(t / (1 - t)), t=1 uses t_next."""
+    dt = t_next - t
+    denom = 1 - torch.where(t >= 1, t_next, t)
+    std_t = a * torch.sqrt(t / denom)
+    mean = x + (v + std_t**2 / (2 * t) * (x + (1 - t) * v)) * dt
+    return mean, std_t * torch.sqrt(-dt)
+
+
+@SDE_KINDS.register("cps")
+def cps(x: Tensor, v: Tensor, t: Tensor, t_next: Tensor, a: float) -> tuple[Tensor, Tensor]:
+    """Coefficients-preserving sampling: re-mixes the predicted x0 and x1 so the noise level stays exact."""
+    std = t_next * math.sin(a * math.pi / 2)
+    x0_hat = x - t * v
+    x1_hat = x + (1 - t) * v
+    mean = (1 - t_next) * x0_hat + torch.sqrt((t_next**2 - std**2).clamp_min(0)) * x1_hat
+    return mean, std
+
+
+@SDE_KINDS.register("dance")
+def dance(x: Tensor, v: Tensor, t: Tensor, t_next: Tensor, a: float) -> tuple[Tensor, Tensor]:
+    """DanceGRPO's step: Euler plus a score correction, noise std a sqrt(-dt)."""
+    dt = t_next - t
+    x0_hat = x - t * v
+    score = -(x - x0_hat * (1 - t)) / t**2
+    mean = x + dt * v - 0.5 * a**2 * score * dt
+    return mean, a * torch.sqrt(-dt)
+
+
+@SDE_KINDS.register("ode")
+def ode(x: Tensor, v: Tensor, t: Tensor, t_next: Tensor, a: float) -> tuple[Tensor, Tensor]:
+    """Deterministic Euler step."""
+    return x + (t_next - t) * v, torch.zeros_like(t)
+
+
+def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """(B,) mean over non-batch dims of log N(sample; mean, std^2), std broadcastable."""
+    lp = -((sample - mean) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
+    return lp.mean(dim=tuple(range(1, lp.ndim)))
+
+
+def step(
+    kind: str,
+    x: Tensor,
+    v: Tensor,
+    sigma: float | Tensor,
+    sigma_next: float | Tensor,
+    *,
+    noise_level: float,
+    generator: torch.Generator | None = None,
+    prev_sample: Tensor | None = None,
+) -> SdeStep:
+    """Draw x at sigma_next (rollout), or score `prev_sample` (training), under the kind's transition."""
+    transition = SDE_KINDS.get(kind)
+    xf, vf = x.float(), v.float()
+    t, t_next = _expand(sigma, xf), _expand(sigma_next, xf)
+    if bool((t_next >= t).any()):
+        raise ValueError("sigma_next must be smaller than sigma (sampling runs from sigma=1 to 0)")
+    mean, std = transition(xf, vf, t, t_next, noise_level)
+    std = std.expand_as(t)
+    deterministic = bool((std == 0).all())
+    if not deterministic and bool((std <= 0).any()):
+        raise ValueError(f"{kind} has zero noise at sigma_next={t_next.flatten().tolist()}; use 'ode' for that step")
+    if prev_sample is None:
+        if deterministic:
+            prev_sample = mean
+        else:
+            # Drawn on the generator's device so a CPU generator reproduces the same noise for a GPU run.
+            gen_device = generator.device if generator is not None else mean.device
+            noise = torch.randn(mean.shape, generator=generator, device=gen_device, dtype=mean.dtype).to(mean.device)
+            prev_sample = mean + std * noise
+    else:
+        prev_sample = prev_sample.float()
+    if deterministic:
+        log_prob = torch.zeros(x.shape[0], device=x.device)
+    else:
+        log_prob = gaussian_log_prob(prev_sample.detach(), mean, std)
+    return SdeStep(prev_sample=prev_sample, mean=mean, std=std, log_prob=log_prob)
+
+
+def sigma_schedule(steps: int, shift: float) -> Tensor:
+    """(steps + 1,) float32 sigmas from 1 down to 0, shifted as diffusers' flow-matching Euler scheduler does."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps)
+    return scheduler.sigmas.float().clone()
