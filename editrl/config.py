@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 
 from editrl.policy import LoraOptions, StrictModel
 from editrl.registry import DATASETS, POLICIES, REWARDS, RegistryError, did_you_mean
@@ -129,7 +129,7 @@ class EmaConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(1e-4, gt=0, validation_alias=AliasChoices("lr", "learning_rate"))
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -270,12 +270,21 @@ def _format_error(err: dict[str, Any], root: type[StrictModel]) -> str:
     path = ".".join(loc)
     if err["type"] == "extra_forbidden":
         parent = _model_at(root, err["loc"][:-1])
-        hint = did_you_mean(loc[-1], list(parent.model_fields)) if parent else ""
+        hint = did_you_mean(loc[-1], _field_names(parent)) if parent else ""
         return f"{path}: unknown key{hint}"
     if err["type"] == "missing":
         return f"{path}: required"
     msg = err["msg"].removeprefix("Value error, ")
     return f"{path}: {msg}" + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else "")
+
+
+def _field_names(model: type[StrictModel]) -> list[str]:
+    """Field names plus their accepted aliases (`learning_rate` for `lr`), for did-you-mean hints."""
+    names = list(model.model_fields)
+    for f in model.model_fields.values():
+        if isinstance(f.validation_alias, AliasChoices):
+            names += [c for c in f.validation_alias.choices if isinstance(c, str)]
+    return names
 
 
 def _model_at(root: type[StrictModel], loc: tuple[Any, ...]) -> type[StrictModel] | None:

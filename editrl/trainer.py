@@ -358,7 +358,8 @@ class Trainer:
         ro, trained = self.collect(timer)
         adv, mask = self.advantages(ro, metrics)
         self.optimise(ro, adv, mask, timer, metrics)
-        self.backend.schedule_step()
+        if "train/skipped" not in metrics:
+            self.backend.schedule_step()
         self.step += 1
         metrics["lr"] = self.backend.lr
         metrics["sde/trained_steps"] = float(len(trained))

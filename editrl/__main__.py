@@ -1,0 +1,3 @@
+from editrl.cli import main
+
+main()
