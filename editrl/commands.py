@@ -61,6 +61,22 @@ def train(
     run_cli(go)
 
 
+def sweep(
+    spec: Path = typer.Argument(..., help="sweep spec YAML (base recipe x variants x seeds)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="section.field=value overrides for every run"),
+    parallel: Optional[int] = typer.Option(None, "--parallel", "-j", help="runs at a time (default: the spec's)"),
+) -> None:
+    """Run a sweep resumably and write its results table and plots."""
+    from editrl.sweep import run_sweep
+
+    def go() -> None:
+        out = run_sweep(spec, parallel, overrides or [])
+        console.print(f"[green]results[/green]: {out / 'results.md'}")
+        console.print((out / "results.md").read_text())
+
+    run_cli(go)
+
+
 def recipes() -> None:
     """List the bundled recipes."""
     from editrl.config import bundled_recipes
@@ -99,5 +115,6 @@ def _fn_options(obj: Any) -> str:
 
 def register(app: typer.Typer) -> None:
     app.command()(train)
+    app.command()(sweep)
     app.command()(recipes)
     app.command()(rewards)

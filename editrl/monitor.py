@@ -55,7 +55,8 @@ class RunLogger:
             if math.isfinite(value):
                 self._tb.add_scalar(key, value, step)
         if step % self.log_every == 0:
-            console.log(f"step {step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in HEADLINE if k in metrics))
+            shown = [k for k in metrics if k in HEADLINE or k.startswith("eval/")]
+            console.log(f"step {step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in shown))
 
     @contextmanager
     def progress(self, total: int, start: int) -> Iterator[Callable[[int, dict[str, float]], None]]:

@@ -397,11 +397,14 @@ class Trainer:
 
     def fit(self) -> Path:
         t = self.recipe.train
+        evaluating = self.eval_data is not None and t.eval_every is not None
         try:
+            if evaluating and self.step == 0:
+                self.logger.log(0, self.evaluate())
             with self.logger.progress(t.steps, self.step) as progress:
                 while self.step < t.steps:
                     metrics = self.train_step()
-                    if self.eval_data is not None and t.eval_every and self.step % t.eval_every == 0:
+                    if evaluating and (self.step % t.eval_every == 0 or self.step == t.steps):
                         metrics.update(self.evaluate())
                     self.logger.log(self.step, metrics)
                     if t.sample_every and self.step % t.sample_every == 0 and self._last_rollouts is not None:

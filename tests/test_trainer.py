@@ -165,3 +165,19 @@ def test_listing_commands():
     assert "brightness" in out and "target_color" in out
     out = _cli("recipes").communicate(timeout=120)[0]
     assert "quickstart" in out
+
+
+def test_ema_tracks_the_weights_and_serves_evaluation(toy_overrides):
+    recipe = load_recipe("toy", toy_overrides + ["optim.ema.enabled=true", "optim.ema.decay=0.5", "train.steps=2",
+                                                 "data.eval={kind: prompts, options: {prompts: [a red ball]}}"])
+    trainer = Trainer(recipe)
+    trainer.train_step()
+    trainer.train_step()
+    live = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
+    shadow = trainer.ema.shadow_params
+    assert any(not torch.equal(a, b) for a, b in zip(live, shadow))  # the average lags the weights
+    trainer.evaluate()
+    assert all(torch.equal(a, b) for a, b in zip(live, trainer.policy.trainable_parameters()))  # restored after eval
+    trainer.save()
+    resumed = Trainer(recipe, resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(shadow, resumed.ema.shadow_params))

@@ -1,0 +1,242 @@
+"""Sweeps: a base recipe x variants (a list or a grid of overrides) x seeds, run resumably, then tabulated.
+
+A sweep spec (YAML):
+
+    name: reward_ablation
+    base: quickstart                 # recipe path (relative to this file) or bundled name
+    output_dir: runs/sweeps/reward_ablation
+    seeds: [0, 1, 2]
+    parallel: 1                      # runs at a time (each a separate `editrl train` process)
+    overrides: [train.steps=40]      # applied to every run
+    variants:                        # named override lists ...
+      full: []
+      no_fidelity: [rewards.terms.0.weight=0]
+    grid:                            # ... and/or a grid, one variant per combination
+      grpo.beta: [0.0, 0.01]
+    metrics: [eval/oracle_fidelity]  # what the table reports (default: every eval/* and reward/total/mean)
+
+Each run lives in `<output_dir>/<variant>/seed_<k>/`; a finished run has `done.json` and is never re-run,
+an interrupted one resumes from its checkpoint. The results are `results.md`, `results.csv`,
+`reward_curves.png` and `final_metrics.png` in the sweep's output directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, model_validator
+
+from editrl.config import RecipeError, load_recipe, resolve_recipe_path, validate_model
+from editrl.monitor import console, read_metrics
+from editrl.policy import StrictModel
+
+# Two-sided 95% Student-t critical values by degrees of freedom (small seed counts are the norm).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       15: 2.131, 20: 2.086, 30: 2.042}
+
+
+class SweepSpec(StrictModel):
+    name: str
+    base: str
+    output_dir: str | None = None
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    parallel: int = Field(1, ge=1)
+    overrides: list[str] = Field(default_factory=list)
+    variants: dict[str, list[str]] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    metrics: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _has_runs(self) -> "SweepSpec":
+        if not self.variants and not self.grid:
+            self.variants = {"base": []}
+        return self
+
+
+@dataclass
+class Run:
+    variant: str
+    seed: int
+    overrides: list[str]
+    run_dir: Path
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / "done.json").is_file()
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> tuple[SweepSpec, Path]:
+    """The spec, and its base recipe resolved relative to the spec file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"sweep spec {path} not found")
+    spec = validate_model(SweepSpec, yaml.safe_load(path.read_text()) or {})
+    spec.overrides = [*spec.overrides, *overrides]
+    local = path.parent / spec.base
+    base = local if local.is_file() else resolve_recipe_path(spec.base)
+    return spec, base
+
+
+def expand(spec: SweepSpec, base: Path) -> list[Run]:
+    """Every (variant, seed) run, each recipe validated now so a typo fails before the first run starts."""
+    variants = dict(spec.variants)
+    keys = list(spec.grid)
+    for combo in itertools.product(*(spec.grid[k] for k in keys)) if keys else ():
+        label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, combo))
+        variants[label] = [f"{k}={json.dumps(v)}" for k, v in zip(keys, combo)]
+    out = Path(spec.output_dir or f"runs/sweeps/{spec.name}")
+    runs = []
+    for name, extra in variants.items():
+        for seed in spec.seeds:
+            run_dir = out / name / f"seed_{seed}"
+            overrides = [*spec.overrides, *extra, f"run.seed={seed}", f"run.name={spec.name}-{name}-{seed}",
+                         f"run.output_dir={run_dir}"]
+            try:
+                load_recipe(base, overrides)
+            except RecipeError as e:
+                raise RecipeError(f"sweep variant {name!r}: {e}") from None
+            runs.append(Run(name, seed, overrides, run_dir))
+    return runs
+
+
+def run_one(run: Run, base: Path) -> tuple[Run, int]:
+    """One `editrl train` process (resuming where a checkpoint exists); output goes to the run's train.log."""
+    if run.done:
+        return run, 0
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    resume = any((run.run_dir / "checkpoints").glob("step_*"))
+    cmd = [sys.executable, "-m", "editrl", "train", str(base), *run.overrides,
+           "--resume" if resume else "--overwrite"]
+    with (run.run_dir / "train.log").open("a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if code == 0:
+        (run.run_dir / "done.json").write_text(json.dumps({"finished": time.time()}))
+    return run, code
+
+
+def run_sweep(spec_path: str | Path, parallel: int | None = None, overrides: list[str] = ()) -> Path:
+    spec, base = load_spec(spec_path, list(overrides))
+    runs = expand(spec, base)
+    out = Path(spec.output_dir or f"runs/sweeps/{spec.name}")
+    todo = [r for r in runs if not r.done]
+    console.log(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already finished")
+    failed = []
+    with ThreadPoolExecutor(max_workers=parallel or spec.parallel) as pool:
+        for run, code in pool.map(lambda r: run_one(r, base), todo):
+            status = "[green]done[/green]" if code == 0 else f"[red]failed ({code})[/red]"
+            console.log(f"{run.variant} seed {run.seed}: {status}  ({run.run_dir / 'train.log'})")
+            if code:
+                failed.append(run)
+    write_results(runs, out, spec.metrics)
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(runs)} runs failed; see their train.log; re-run the sweep to retry them")
+    return out
+
+
+# ---------------------------------------------------------------- results
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student t; 0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    dof = n - 1
+    t = T95.get(dof) or T95[max(k for k in T95 if k <= dof)]
+    return mean, t * sd / math.sqrt(n)
+
+
+def final_metrics(run_dir: Path) -> dict[str, float]:
+    """The last logged value of every metric of a run (eval metrics come from the last row that has them)."""
+    out: dict[str, float] = {}
+    for row in read_metrics(run_dir / "metrics.jsonl"):
+        out.update({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
+    return out
+
+
+def write_results(runs: list[Run], out: Path, metrics: list[str] | None) -> None:
+    finished = [r for r in runs if r.done]
+    if not finished:
+        return
+    finals = {(r.variant, r.seed): final_metrics(r.run_dir) for r in finished}
+    if metrics is None:
+        keys = sorted({k for f in finals.values() for k in f if k.startswith("eval/")})
+        metrics = keys + ["reward/total/mean"]
+    variants = list(dict.fromkeys(r.variant for r in runs))
+    rows = []
+    for v in variants:
+        mine = [finals[(r.variant, r.seed)] for r in finished if r.variant == v]
+        row: dict[str, Any] = {"variant": v, "seeds": len(mine)}
+        for m in metrics:
+            values = [f[m] for f in mine if m in f]
+            row[m] = mean_ci(values) if values else None
+        rows.append(row)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "results.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["variant", "seeds", *[c for m in metrics for c in (f"{m} mean", f"{m} ci95")]])
+        for row in rows:
+            w.writerow([row["variant"], row["seeds"],
+                        *[x for m in metrics for x in (row[m] if row[m] else ("", ""))]])
+    lines = ["| variant | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for row in rows:
+        cells = [f"{row[m][0]:.4f} ± {row[m][1]:.4f}" if row[m] else "–" for m in metrics]
+        lines.append(f"| {row['variant']} | {row['seeds']} | " + " | ".join(cells) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n\nmean ± 95% CI over seeds (Student t).\n")
+    _plot(finished, rows, metrics, variants, out)
+
+
+def _plot(finished: list[Run], rows: list[dict[str, Any]], metrics: list[str], variants: list[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for v in variants:
+        curves = [[r["reward/total/mean"] for r in read_metrics(run.run_dir / "metrics.jsonl") if r.get("reward/total/mean") is not None]
+                  for run in finished if run.variant == v]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
+        lo = [min(c[i] for c in curves) for i in range(n)]
+        hi = [max(c[i] for c in curves) for i in range(n)]
+        steps = list(range(1, n + 1))
+        ax.plot(steps, mean, label=v)
+        ax.fill_between(steps, lo, hi, alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training reward (mean over seeds; band: min-max)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "reward_curves.png", dpi=120)
+    plt.close(fig)
+
+    shown = [m for m in metrics if any(row[m] for row in rows)]
+    fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(3.2 * max(1, len(shown)), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], shown):
+        means = [row[m][0] if row[m] else 0.0 for row in rows]
+        cis = [row[m][1] if row[m] else 0.0 for row in rows]
+        ax.bar(range(len(rows)), means, yerr=cis, capsize=3, color=[f"C{i}" for i in range(len(rows))])
+        ax.set_xticks(range(len(rows)), [row["variant"] for row in rows], rotation=45, ha="right", fontsize=7)
+        ax.set_title(m, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "final_metrics.png", dpi=120)
+    plt.close(fig)
