@@ -7,7 +7,7 @@ one `RecipeError` line naming the key path (and a did-you-mean suggestion for mi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
@@ -111,6 +111,7 @@ class GrpoConfig(StrictModel):
     trained_steps: int | None = None  # train this many of the SDE steps (random subset); None = all
     skip_tied_groups: bool = True
     async_rewards: bool = True
+    share_encode: bool = True  # encode each request once for its group (False: once per sample, as flow_grpo)
     loss: str = "ppo_clip"
 
     @field_validator("loss")
@@ -166,6 +167,7 @@ class Recipe(StrictModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    needs_rewards: ClassVar[bool] = True  # False for recipes that score nothing (SFT)
 
     @property
     def output_dir(self) -> Path:
@@ -318,7 +320,10 @@ def validate_model(model: type[StrictModel], data: Any, prefix: str = "") -> Any
 
 
 def load_recipe(
-    source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = (), check_paths: bool = True
+    source: str | Path | dict[str, Any],
+    overrides: list[str] | tuple[str, ...] = (),
+    check_paths: bool = True,
+    model: type[Recipe] = Recipe,
 ) -> Recipe:
     """Read, override, validate and cross-check a recipe. Raises RecipeError with a one-line message.
 
@@ -336,7 +341,7 @@ def load_recipe(
             raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(tree).__name__}")
     for item in overrides:
         apply_override(tree, *parse_override(item))
-    recipe = validate_model(Recipe, tree)
+    recipe = validate_model(model, tree)
     check_plugins(recipe, check_paths)
     derive_layout(recipe)
     return recipe
@@ -370,7 +375,7 @@ def check_plugins(recipe: Recipe, check_paths: bool = True) -> None:
                     check()
                 except (ValueError, FileNotFoundError) as e:
                     raise RecipeError(f"data.{split}.options: {e}") from None
-    if not recipe.rewards.terms:
+    if recipe.needs_rewards and not recipe.rewards.terms:
         raise RecipeError("rewards: at least one reward is needed (see `editrl rewards` for the list)")
     keys = [t.key for t in recipe.rewards.terms]
     dup = next((k for k in keys if keys.count(k) > 1), None)

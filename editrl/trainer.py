@@ -216,7 +216,10 @@ class Trainer:
         for c in range(0, len(requests), per_chunk):
             chunk = requests[c : c + per_chunk]
             with timer("encode"):
-                cond = self.policy.encode(chunk).repeat_interleave(g.group_size)
+                if g.share_encode:
+                    cond = self.policy.encode(chunk).repeat_interleave(g.group_size)
+                else:
+                    cond = self.policy.encode([smp for smp in chunk for _ in range(g.group_size)])
             gen = torch.Generator().manual_seed(derive_seed(r.run.seed, self.step, 2, self.backend.rank, c))
             with timer("rollout"):
                 traj = rollout(
