@@ -1,0 +1,140 @@
+"""`editrl data synth | check` and `editrl eval`.
+
+Only typer is imported at module level (this module is loaded for every `editrl` command).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import typer
+
+OnError = Literal["skip", "fail"]
+data_app = typer.Typer(no_args_is_help=True, help="Paired edit data: synthesise it, check a folder of your own.")
+
+
+def _cli(fn: Callable[[], Any]) -> Any:
+    """Expected errors (bad options, bad rows, missing files) become one red line and exit code 2."""
+    from editrl.commands import console, run_cli
+
+    def guarded() -> Any:
+        try:
+            return fn()
+        except (ValueError, FileExistsError) as e:
+            console.print(f"[red]error:[/red] {e}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return run_cli(guarded)
+
+
+def _split_ops(ops: list[str] | None) -> list[str] | None:
+    """`--ops add,remove` and `--ops add --ops remove` both work."""
+    if not ops:
+        return None
+    return [o.strip() for item in ops for o in item.split(",") if o.strip()]
+
+
+@data_app.command("synth")
+def synth(
+    out: Path = typer.Option(..., "--out", help="folder to write (videos/, images/, masks/, manifest.jsonl)"),
+    n: int = typer.Option(..., "--n", min=1, help="number of samples (ops are taken in turn)"),
+    seed: int = typer.Option(0, "--seed", help="the same seed gives byte-identical data"),
+    ops: Optional[list[str]] = typer.Option(None, "--ops", help="operations, comma-separated (default: all)"),
+    frames: int = typer.Option(9, "--frames", help="frames per video, 4k+1"),
+    size: tuple[int, int] = typer.Option((64, 64), "--size", help="height and width"),
+    split: str = typer.Option("train", "--split", help="a name that seeds its own stream (train, test, ...)"),
+    generator: str = typer.Option("procedural", "--generator", help="a registered pair generator"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="processes (default: automatic)"),
+) -> None:
+    """Synthesise paired edit data: source and target videos, instructions, masks, reference images."""
+    from editrl.commands import console
+
+    def go() -> None:
+        from editrl.data.synth import synthesize
+
+        path = synthesize(out, n, seed, _split_ops(ops), frames, size, split, generator, workers)
+        console.print(f"[green]wrote[/green] {n} samples to {path}")
+
+    _cli(go)
+
+
+@data_app.command("check")
+def check(
+    data: Path = typer.Argument(..., help="a data folder, or its manifest.jsonl"),
+    on_error: OnError = typer.Option("skip", "--on-error", help="skip: list every bad row; fail: stop at the first"),
+) -> None:
+    """Check a manifest: every row's keys, instruction and media files, reported with line numbers."""
+    from editrl.commands import console
+
+    def go() -> None:
+        import logging
+
+        from editrl.data.manifest import load_manifest, manifest_path
+
+        problems: list[str] = []
+
+        class Collect(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                problems.append(record.getMessage().removeprefix("skipping row: "))
+
+        handler = Collect()
+        log = logging.getLogger("editrl.data.manifest")
+        log.addHandler(handler)
+        try:
+            entries = load_manifest(data, on_error=on_error)
+        finally:
+            log.removeHandler(handler)
+        for p in problems:
+            console.print(f"[red]bad row:[/red] {p}", highlight=False)
+        cats: dict[str, int] = {}
+        for e in entries:
+            cats[e.row.category or "uncategorised"] = cats.get(e.row.category or "uncategorised", 0) + 1
+        summary = ", ".join(f"{k}: {v}" for k, v in sorted(cats.items()))
+        console.print(f"[green]{len(entries)} usable rows[/green] in {manifest_path(data)} ({summary})", highlight=False)
+        if problems:
+            raise typer.Exit(1)
+
+    _cli(go)
+
+
+def evaluate_command(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="a checkpoint directory, or a run directory (its latest)"),
+    data: Path = typer.Option(..., "--data", help="a data folder (manifest.jsonl) with targets and masks"),
+    out: Optional[Path] = typer.Option(None, "--out", help="where to write the tables and grid.png (default: CHECKPOINT/eval)"),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="ODE steps (default: the recipe's eval steps)"),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="evaluate only the first N samples"),
+    rewards: bool = typer.Option(True, "--rewards/--no-rewards", help="also score with the recipe's rewards"),
+    on_error: OnError = typer.Option("fail", "--on-error", help="bad manifest rows: fail, or skip them"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Benchmark a checkpoint on held-out data: oracle fidelity/preservation/temporal per category."""
+    from editrl.commands import console
+
+    def go() -> None:
+        from editrl.evaluate import checkpoint_editor, recipe_rewards
+
+        edit_fn, recipe = checkpoint_editor(checkpoint, steps, seed, device)
+        run_benchmark(edit_fn, data, out or checkpoint / "eval", recipe_rewards(recipe) if rewards else None,
+                      batch_size, limit, on_error, console)
+
+    _cli(go)
+
+
+def run_benchmark(edit_fn: Any, data: Path, out: Path, rewards: Any, batch_size: int, limit: int | None,
+                  on_error: OnError, console: Any) -> None:
+    """Everything `editrl eval` does after the policy is loaded (tests drive it with trivial editors)."""
+    from editrl.data.manifest import ManifestDataset
+    from editrl.evaluate import evaluate
+
+    dataset = ManifestDataset(ManifestDataset.Options(path=str(data), on_error=on_error))
+    report = evaluate(edit_fn, dataset, rewards=rewards, batch_size=batch_size, limit=limit, out_dir=out)
+    console.print(report.to_markdown(), highlight=False, markup=False)
+    console.print(f"[green]wrote[/green] {out}/results.md, results.csv, samples.csv, grid.png")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(data_app, name="data")
+    app.command("eval")(evaluate_command)

@@ -1,0 +1,339 @@
+"""The on-disk format of paired edit data, and its loader.
+
+A data folder holds media files and a `manifest.jsonl`, one JSON object per line, paths relative to
+the folder (absolute paths work too):
+
+    {"id": "a1", "instruction": "remove the red circle", "source": "videos/a1_src.mp4",
+     "target": "videos/a1_tgt.mp4", "reference": "images/a1_ref.png", "mask": "masks/a1.npz",
+     "category": "remove", "edited": null, "meta": {}}
+
+Only `id`, `instruction` and `source` are required: a folder of a user's own videos and instructions
+is read exactly like the synthetic data. Masks are `.npz` files holding a bool array `mask` of shape
+(T, 1, H, W), (T, H, W) or (H, W) (one mask for every frame), True where change is allowed.
+Every row is checked when the dataset is opened (JSON, keys, non-empty instruction, files present and
+readable); a bad row is reported as `manifest.jsonl:LINE: problem` and skipped or fatal (`on_error`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, ValidationError, field_validator
+
+from editrl.data.video import MediaError, read_image, read_video, write_image, write_video
+from editrl.policy import StrictModel
+from editrl.types import EditSample
+
+MANIFEST_NAME = "manifest.jsonl"
+MEDIA_FIELDS = ("source", "target", "reference", "mask", "edited")
+VIDEO_FIELDS = ("source", "target", "edited")
+
+logger = logging.getLogger(__name__)
+
+
+class ManifestError(ValueError):
+    """A manifest problem; the message starts with `file:line:` when a row is at fault."""
+
+
+class ManifestRow(StrictModel):
+    """One line of a manifest. The field order is the order written to disk."""
+
+    id: str
+    instruction: str
+    source: str
+    target: str | None = None
+    reference: str | None = None
+    mask: str | None = None
+    category: str | None = None
+    edited: str | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("id", "instruction")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """A validated row with the folder its paths are relative to and its line number (for messages)."""
+
+    row: ManifestRow
+    root: Path
+    line: int
+    manifest: Path
+
+    def path(self, name: str) -> Path | None:
+        value = getattr(self.row, name)
+        return None if value is None else self.root / value
+
+    def where(self) -> str:
+        return f"{self.manifest}:{self.line}"
+
+
+def manifest_path(path: str | Path) -> Path:
+    """A data folder or its manifest file -> the manifest file (FileNotFoundError naming what is missing)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    return path
+
+
+# ---------------------------------------------------------------- writing
+
+
+def save_mask(path: str | Path, mask: torch.Tensor | np.ndarray) -> Path:
+    """A bool mask as a compressed `.npz` (key `mask`), byte-identical for identical masks.
+
+    `np.savez_compressed` stamps the current time into the zip entry; a fixed timestamp keeps
+    generated data folders byte-reproducible.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.ascontiguousarray(mask.cpu().numpy() if isinstance(mask, torch.Tensor) else mask, dtype=bool)
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, allow_pickle=False)
+    info = zipfile.ZipInfo("mask.npy", date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(info, buffer.getvalue())
+    return path
+
+
+def load_mask(path: str | Path, frames: int | None = None) -> torch.Tensor:
+    """An `.npz` mask as (T, 1, H, W) bool; a single (H, W) mask is repeated for `frames` frames."""
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"mask not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "mask" not in data.files:
+                raise MediaError(f"{path} has no array named 'mask' (found: {', '.join(data.files) or 'none'})")
+            array = data["mask"]
+    except MediaError:
+        raise
+    except Exception as e:  # numpy raises several kinds for a corrupt zip
+        raise MediaError(f"cannot read mask {path}: {e}") from e
+    mask = torch.from_numpy(array.astype(bool))
+    if mask.dim() == 2:
+        mask = mask[None, None].expand(frames or 1, 1, *mask.shape).clone()
+    elif mask.dim() == 3:
+        mask = mask[:, None]
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise MediaError(f"mask {path} must be (T, 1, H, W), (T, H, W) or (H, W), got {tuple(array.shape)}")
+    return mask
+
+
+def write_sample(folder: str | Path, sample: EditSample, fps: int = 8) -> ManifestRow:
+    """Write a sample's media under `folder` (videos losslessly, so ground truth stays exact); its row."""
+    folder = Path(folder)
+    if sample.source is None:
+        raise ValueError(f"sample {sample.id!r} has no source video")
+    row: dict[str, Any] = {"id": sample.id, "instruction": sample.instruction, "category": sample.category}
+    row["source"] = f"videos/{sample.id}_src.mp4"
+    write_video(folder / row["source"], sample.source, fps=fps, lossless=True)
+    if sample.target is not None:
+        row["target"] = f"videos/{sample.id}_tgt.mp4"
+        write_video(folder / row["target"], sample.target, fps=fps, lossless=True)
+    if sample.edited is not None:
+        row["edited"] = f"videos/{sample.id}_edit.mp4"
+        write_video(folder / row["edited"], sample.edited, fps=fps, lossless=True)
+    if sample.reference is not None:
+        row["reference"] = f"images/{sample.id}_ref.png"
+        write_image(folder / row["reference"], sample.reference)
+    if sample.mask is not None:
+        row["mask"] = f"masks/{sample.id}.npz"
+        save_mask(folder / row["mask"], sample.mask)
+    return ManifestRow(**row, meta=sample.meta)
+
+
+def write_manifest(folder: str | Path, rows: list[ManifestRow]) -> Path:
+    """`folder/manifest.jsonl`, one row per line in the given order (deterministic bytes)."""
+    path = Path(folder) / MANIFEST_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(r.model_dump(), ensure_ascii=False, sort_keys=False) for r in rows]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _probe_video(path: Path) -> None:
+    """Open the container and its first video stream: catches missing, truncated and non-video files cheaply."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError(f"{path} has no video stream")
+    except MediaError:
+        raise
+    except Exception as e:
+        raise MediaError(f"cannot read video {path}: {e}") from e
+
+
+def _probe_image(path: Path) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise MediaError(f"cannot read image {path}: {e}") from e
+
+
+def _check_entry(entry: ManifestEntry) -> None:
+    for name in MEDIA_FIELDS:
+        path = entry.path(name)
+        if path is None:
+            continue
+        if not path.is_file():
+            raise MediaError(f"{name} file {getattr(entry.row, name)} not found")
+        if name in VIDEO_FIELDS:
+            _probe_video(path)
+        elif name == "reference":
+            _probe_image(path)
+        else:
+            load_mask(path)
+
+
+def _row_error(err: ValidationError) -> str:
+    problems = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "missing":
+            problems.append(f"missing key {key!r}")
+        elif e["type"] == "extra_forbidden":
+            problems.append(f"unknown key {key!r}")
+        else:
+            problems.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)
+
+
+def load_manifest(path: str | Path, on_error: Literal["skip", "fail"] = "fail", check_media: bool = True) -> list[ManifestEntry]:
+    """Parse and check every row. Bad rows raise ManifestError (`fail`) or are logged and dropped (`skip`).
+
+    `check_media` opens each referenced file (headers only) so that an unreadable video is reported
+    with its line number now rather than as a crash mid-training.
+    """
+    if on_error not in ("skip", "fail"):
+        raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+    manifest = manifest_path(path)
+    root = manifest.parent
+    entries: list[ManifestEntry] = []
+    seen: dict[str, int] = {}
+    problems: list[str] = []
+    with manifest.open(encoding="utf-8") as f:
+        lines = list(f)
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ManifestError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(data, dict):
+                raise ManifestError(f"a row must be a JSON object, got {type(data).__name__}")
+            try:
+                row = ManifestRow.model_validate(data)
+            except ValidationError as e:
+                raise ManifestError(_row_error(e)) from None
+            if row.id in seen:
+                raise ManifestError(f"duplicate id {row.id!r} (first on line {seen[row.id]})")
+            entry = ManifestEntry(row, root, number, manifest)
+            if check_media:
+                _check_entry(entry)
+        except (ManifestError, MediaError) as e:
+            message = f"{manifest}:{number}: {e}"
+            if on_error == "fail":
+                raise ManifestError(message) from None
+            logger.warning("skipping row: %s", message)
+            problems.append(message)
+            continue
+        seen[row.id] = number
+        entries.append(entry)
+    if not entries:
+        detail = f" ({len(problems)} bad rows skipped; first: {problems[0]})" if problems else ""
+        raise ManifestError(f"{manifest}: no usable rows{detail}")
+    return entries
+
+
+def load_sample(entry: ManifestEntry, max_frames: int | None = None) -> EditSample:
+    """Decode a row's media into an EditSample; any media problem is reported with the row's line."""
+    try:
+        return _decode(entry, max_frames)
+    except MediaError as e:
+        raise MediaError(f"{entry.where()}: {e}") from None
+
+
+def _decode(entry: ManifestEntry, max_frames: int | None) -> EditSample:
+    row = entry.row
+
+    def video(name: str) -> torch.Tensor | None:
+        path = entry.path(name)
+        return None if path is None else read_video(path, max_frames=max_frames)
+
+    source = read_video(entry.root / row.source, max_frames=max_frames)
+    target, edited = video("target"), video("edited")
+    for name, value in (("target", target), ("edited", edited)):
+        if value is not None and value.shape != source.shape:
+            raise MediaError(f"{name} {getattr(row, name)} is {tuple(value.shape)} but source is {tuple(source.shape)}")
+    mask = None
+    mask_path = entry.path("mask")
+    if mask_path is not None:
+        mask = load_mask(mask_path, frames=source.shape[0])[: source.shape[0]]
+        if tuple(mask.shape) != (source.shape[0], 1, *source.shape[2:]):
+            raise MediaError(f"mask {row.mask} is {tuple(mask.shape)} for a source of {tuple(source.shape)}")
+    reference_path = entry.path("reference")
+    return EditSample(
+        id=row.id,
+        instruction=row.instruction,
+        source=source,
+        reference=read_image(reference_path) if reference_path is not None else None,
+        target=target,
+        mask=mask,
+        category=row.category,
+        edited=edited,
+        meta=dict(row.meta),
+    )
+
+
+class ManifestDataset:
+    """Dataset kind `manifest`: a folder (or manifest file) of paired or unpaired edit requests."""
+
+    class Options(StrictModel):
+        path: str
+        on_error: Literal["skip", "fail"] = "fail"
+        max_frames: int | None = Field(None, ge=1)
+
+        def check(self) -> None:
+            manifest_path(self.path)
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.entries = load_manifest(options.path, on_error=options.on_error)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> EditSample:
+        return load_sample(self.entries[index], max_frames=self.options.max_frames)
+
+    @property
+    def categories(self) -> list[str | None]:
+        """Each row's category without decoding any media (for per-category selection and reports)."""
+        return [e.row.category for e in self.entries]

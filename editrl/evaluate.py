@@ -1,0 +1,287 @@
+"""The held-out edit benchmark: run an editor over a dataset and score it per category and overall.
+
+`evaluate(edit_fn, dataset)` takes any `edit_fn(samples) -> (B, T, C, H, W)`: a trained policy
+(`checkpoint_editor`), or a trivial one in tests ("return the target" must score perfect fidelity and
+preservation). With ground truth (synthetic data) it reports oracle metrics:
+
+- fidelity: PSNR / SSIM of the edit against the target inside the edit mask;
+- preservation: PSNR / SSIM of the edit against the source outside the mask (n/a for global edits);
+- temporal: 1 - mean |frame-to-frame change of the edit - that of the target| (1: moves like the target);
+- smoothness: 1 - mean |frame-to-frame change| of the edit alone (needs no ground truth);
+
+plus the mean of any rewards given (judges included). Rows without a target get only smoothness and
+rewards; rows without a mask are scored on the whole frame for fidelity.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from editrl import metrics
+from editrl.data.base import EditDataset
+from editrl.types import EditSample, RewardBatch
+
+EditFn = Callable[[list[EditSample]], Tensor]
+
+ORACLE_COLUMNS = ("fidelity_psnr", "fidelity_ssim", "preservation_psnr", "preservation_ssim", "temporal", "smoothness")
+CATEGORY_ORDER = ("add", "remove", "replace", "recolor", "background", "style", "reference_add", "reference_swap", "hybrid")
+OVERALL = "overall"
+UNCATEGORISED = "uncategorised"
+
+
+@dataclass
+class EvalReport:
+    """Per-sample scores, and the per-category table made from them."""
+
+    rows: list[dict[str, Any]]  # id, category, then one value per column (NaN: not applicable)
+    columns: list[str]
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per category (benchmark order), then `overall`: n and the mean of each column over
+        the samples where it applies (`n/a` stays NaN)."""
+        cats = sorted({r["category"] for r in self.rows}, key=_category_key)
+        groups = [(c, [r for r in self.rows if r["category"] == c]) for c in cats] + [(OVERALL, self.rows)]
+        out = []
+        for name, rows in groups:
+            entry: dict[str, Any] = {"category": name, "n": len(rows)}
+            for col in self.columns:
+                values = [r[col] for r in rows if not math.isnan(r[col])]
+                entry[col] = sum(values) / len(values) if values else math.nan
+            out.append(entry)
+        return out
+
+    def overall(self) -> dict[str, Any]:
+        return self.table()[-1]
+
+    def to_markdown(self) -> str:
+        header = ["category", "n", *self.columns]
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        for entry in self.table():
+            cells = [f"**{entry['category']}**" if entry["category"] == OVERALL else entry["category"], str(entry["n"])]
+            cells += [_fmt(col, entry[col]) for col in self.columns]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        """results.md (the table), results.csv (the table) and samples.csv (every sample)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"markdown": out / "results.md", "table": out / "results.csv", "samples": out / "samples.csv"}
+        paths["markdown"].write_text(self.to_markdown())
+        _write_csv(paths["table"], ["category", "n", *self.columns], self.table())
+        _write_csv(paths["samples"], ["id", "category", *self.columns], self.rows)
+        return paths
+
+
+def _category_key(cat: str) -> tuple[int, str]:
+    return (CATEGORY_ORDER.index(cat), cat) if cat in CATEGORY_ORDER else (len(CATEGORY_ORDER), cat)
+
+
+def _fmt(column: str, value: float) -> str:
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.2f}" if column.endswith("psnr") else f"{value:.4f}"
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+
+
+def oracle_scores(edited: Tensor, samples: list[EditSample]) -> dict[str, Tensor]:
+    """The oracle columns for a batch of same-shaped samples, (B,) each, NaN where a row has no target."""
+    b = len(samples)
+    nan = torch.full((b,), math.nan)
+    out = {col: nan.clone() for col in ORACLE_COLUMNS}
+    out["smoothness"] = metrics.temporal_consistency(edited)
+    have = [i for i, s in enumerate(samples) if s.target is not None]
+    if not have:
+        return out
+    idx = torch.tensor(have)
+    sub = edited[idx]
+    source = torch.stack([samples[i].source for i in have])  # type: ignore[misc]
+    target = torch.stack([samples[i].target for i in have])  # type: ignore[misc]
+    full = torch.ones(sub.shape[1], 1, *sub.shape[3:], dtype=torch.bool)
+    mask = torch.stack([samples[i].mask if samples[i].mask is not None else full for i in have])  # type: ignore[misc]
+    fid = metrics.fidelity(sub, target, mask)
+    pres = metrics.preservation(sub, source, mask)
+    for name, values in (
+        ("fidelity_psnr", fid["psnr"]),
+        ("fidelity_ssim", fid["ssim"]),
+        ("preservation_psnr", pres["psnr"]),
+        ("preservation_ssim", pres["ssim"]),
+        ("temporal", metrics.temporal_consistency(sub, reference=target)),
+    ):
+        out[name][idx] = values
+    return out
+
+
+def _reward_scores(rewards: Any, edited: Tensor, samples: list[EditSample]) -> dict[str, Tensor]:
+    """Each reward's scores (B,), NaN where the reward gave no valid score."""
+
+    def stack(attr: str) -> Tensor | None:
+        values = [getattr(s, attr) for s in samples]
+        return torch.stack(values) if all(v is not None for v in values) else None
+
+    batch = RewardBatch(
+        instructions=[s.instruction for s in samples],
+        edited=edited,
+        sources=stack("source"),
+        targets=stack("target"),
+        references=[s.reference for s in samples],
+        masks=[s.mask for s in samples],
+        categories=[s.category for s in samples],
+        ids=[s.id for s in samples],
+    )
+    outs = rewards.score(batch)
+    return {name: torch.where(o.valid, o.scores, torch.full_like(o.scores, math.nan)) for name, o in outs.items()}
+
+
+def _batches(dataset: EditDataset, indices: list[int], batch_size: int) -> Iterator[list[EditSample]]:
+    """Consecutive samples of one shape, at most `batch_size` at a time (a policy batch needs one shape)."""
+    batch: list[EditSample] = []
+    for i in indices:
+        sample = dataset[i]
+        if sample.source is None:
+            raise ValueError(f"sample {sample.id!r} has no source video to edit")
+        if batch and (len(batch) == batch_size or sample.source.shape != batch[0].source.shape):  # type: ignore[union-attr]
+            yield batch
+            batch = []
+        batch.append(sample)
+    if batch:
+        yield batch
+
+
+def evaluate(
+    edit_fn: EditFn,
+    dataset: EditDataset,
+    rewards: Any = None,
+    batch_size: int = 4,
+    limit: int | None = None,
+    out_dir: str | Path | None = None,
+    grid_per_category: int = 2,
+    grid_frames: int = 3,
+    progress: bool = True,
+) -> EvalReport:
+    """Edit every sample (the first `limit`), score it, and write the tables and a frame grid to `out_dir`.
+
+    `rewards` is a `RewardSet` (or anything with `score(RewardBatch) -> {name: RewardOutput}`).
+    """
+    from rich.progress import Progress
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    indices = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
+    reward_names = [f"reward_{n}" for n in getattr(rewards, "names", [])]
+    columns = [*ORACLE_COLUMNS, *reward_names]
+    rows: list[dict[str, Any]] = []
+    shown: dict[str, list[tuple[EditSample, Tensor]]] = {}
+    with Progress(disable=not progress, transient=True) as bar, torch.no_grad():
+        task = bar.add_task("evaluating", total=len(indices))
+        for batch in _batches(dataset, indices, batch_size):
+            edited = edit_fn(batch).detach().float().cpu()
+            expected = (len(batch), *batch[0].source.shape)  # type: ignore[union-attr]
+            if tuple(edited.shape) != expected:
+                raise ValueError(
+                    f"the editor returned {tuple(edited.shape)} for {len(batch)} samples of {tuple(expected[1:])} "
+                    f"(first: {batch[0].id!r}); benchmark data must have the geometry the policy produces"
+                )
+            scores = oracle_scores(edited, batch)
+            if rewards is not None:
+                scores |= {f"reward_{k}": v for k, v in _reward_scores(rewards, edited, batch).items()}
+            for i, s in enumerate(batch):
+                cat = s.category or UNCATEGORISED
+                rows.append({"id": s.id, "category": cat, **{c: float(scores[c][i]) for c in columns}})
+                if len(shown.setdefault(cat, [])) < grid_per_category:
+                    shown[cat].append((s, edited[i]))
+            bar.advance(task, len(batch))
+    report = EvalReport(rows, columns)
+    if out_dir is not None:
+        report.write(out_dir)
+        picks = [p for cat in sorted(shown, key=_category_key) for p in shown[cat]]
+        if picks:
+            save_grid(Path(out_dir) / "grid.png", picks, grid_frames)
+    return report
+
+
+def save_grid(path: str | Path, picks: list[tuple[EditSample, Tensor]], frames: int = 3) -> Path:
+    """A PNG with one row per sample: source | edited | target, each `frames` evenly spaced frames, and
+    the reference image after them when any sample has one.
+
+    Small videos are enlarged (nearest neighbour) so that a 32x32 benchmark is still readable.
+    """
+    from PIL import Image, ImageDraw
+
+    from editrl.data.video import to_uint8
+
+    first = picks[0][0].source
+    assert first is not None
+    t, _, h, w = first.shape
+    scale = max(1, 96 // max(h, w))
+    fh, fw = h * scale, w * scale
+    label_h, gap = 14, 6
+    k = min(frames, t)
+    chosen = sorted({round(i * (t - 1) / max(k - 1, 1)) for i in range(k)})
+    panel_w = len(chosen) * fw
+    titles = ["source", "edited", "target"] + (["reference"] if any(s.reference is not None for s, _ in picks) else [])
+    width = 3 * panel_w + 2 * gap + (gap + fw if len(titles) == 4 else 0)
+    canvas = Image.new("RGB", (width, label_h + len(picks) * (label_h + fh)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, title in enumerate(titles):
+        draw.text((j * (panel_w + gap) + 2, 1), title, fill=(0, 0, 0))
+
+    def paste(image: Tensor, x: int, y: int) -> None:
+        if image.shape[-2:] == (h, w):
+            canvas.paste(Image.fromarray(to_uint8(image[None])[0]).resize((fw, fh), Image.NEAREST), (x, y))
+
+    for row, (sample, edited) in enumerate(picks):
+        y = label_h + row * (label_h + fh)
+        draw.text((2, y + 1), f"{sample.category or UNCATEGORISED} | {sample.id} | {sample.instruction}"[:160], fill=(0, 0, 0))
+        for j, video in enumerate((sample.source, edited, sample.target)):
+            for n, f in enumerate(chosen):
+                if video is not None and f < video.shape[0]:
+                    paste(video[f], j * (panel_w + gap) + n * fw, y + label_h)
+        if sample.reference is not None:
+            paste(sample.reference, 3 * (panel_w + gap), y + label_h)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def checkpoint_editor(checkpoint: str | Path, steps: int | None = None, seed: int = 0, device: str = "cpu") -> tuple[EditFn, Any]:
+    """An edit function backed by a trained checkpoint (GRPO or SFT), and the checkpoint's recipe.
+
+    Each batch gets its own seed (`seed` + a batch counter), so results do not depend on what ran before.
+    """
+    from editrl.inference import load_checkpoint
+    from editrl.rollout import edit_videos
+
+    policy, recipe = load_checkpoint(checkpoint, device)
+    n_steps = steps or recipe.sampling.eval_steps or recipe.sampling.steps
+    counter = iter(range(seed, seed + 2**31))
+
+    def edit_fn(samples: list[EditSample]) -> Tensor:
+        return edit_videos(policy, samples, n_steps, recipe.sampling.shift, next(counter))
+
+    return edit_fn, recipe
+
+
+def recipe_rewards(recipe: Any) -> Any:
+    """The recipe's rewards as a RewardSet, or None when it has none (e.g. an SFT recipe)."""
+    from editrl.reward import RewardSet, build_reward
+
+    terms = getattr(getattr(recipe, "rewards", None), "terms", None)
+    if not terms:
+        return None
+    return RewardSet([(t.key, t.weight, build_reward(t.name, t.options)) for t in terms])
