@@ -20,8 +20,11 @@ def _base(**changes):
 
 
 def test_bundled_recipes_validate():
+    from editrl.sft import load_sft_recipe
+
     for name, path in bundled_recipes().items():
-        assert load_recipe(path).policy.name, name
+        is_sft = "sft" in (yaml.safe_load(path.read_text()) or {})
+        assert (load_sft_recipe(path) if is_sft else load_recipe(path)).policy.name, name
 
 
 def test_overrides_apply_with_yaml_types():

@@ -1,0 +1,156 @@
+"""`editrl edit`: one edit with a trained checkpoint; also the command-line entry of `editrl sft`.
+
+Only typer is imported at module level (this module is loaded for every `editrl` command); torch and the
+models load inside the commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+    """(policy, recipe) from a GRPO or SFT checkpoint directory, or a run directory (its latest checkpoint)."""
+    from editrl.checkpoint import find_checkpoint, load_policy
+    from editrl.sft import is_sft_checkpoint, load_sft_policy
+
+    ckpt = find_checkpoint(path)
+    return load_sft_policy(ckpt, device) if is_sft_checkpoint(ckpt) else load_policy(ckpt, device)
+
+
+def video_fps(path: Path, default: float = 8.0) -> float:
+    import av
+
+    with av.open(str(path)) as container:
+        rate = container.streams.video[0].average_rate
+    return float(rate) if rate else default
+
+
+class _Ticking:
+    """The policy as `sample_ode` sees it, advancing a progress bar at every velocity call (one per step)."""
+
+    def __init__(self, policy: Any, tick: Callable[[], None]) -> None:
+        self.policy, self.tick = policy, tick
+
+    def init_noise(self, cond: Any, generator: Any) -> Any:
+        return self.policy.init_noise(cond, generator)
+
+    def velocity(self, x: Any, sigma: Any, cond: Any) -> Any:
+        v = self.policy.velocity(x, sigma, cond)
+        self.tick()
+        return v
+
+
+def run_edit(
+    checkpoint: str | Path,
+    video: str | Path,
+    instruction: str,
+    out: str | Path,
+    reference: str | Path | None = None,
+    steps: int | None = None,
+    shift: float | None = None,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+    device: str = "cpu",
+    note: Callable[[str], None] = print,
+) -> Path:
+    """Edit `video` as `instruction` says and write the result as an mp4; returns its path."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from editrl.data.video import read_image, read_video, write_video
+    from editrl.monitor import console
+    from editrl.rollout import sample_ode
+    from editrl.types import EditSample
+
+    video, out = Path(video), Path(out)
+    source = read_video(video)
+    ref = read_image(reference) if reference is not None else None
+    policy, recipe = load_checkpoint(checkpoint, device)
+    if guidance_scale is not None:
+        if not hasattr(policy, "guidance_scale"):
+            raise ValueError(f"policy {recipe.policy.name!r} has no guidance_scale to set")
+        policy.guidance_scale = guidance_scale
+    conform = getattr(policy, "conform_video", None)
+    if conform is not None:
+        source, message = conform(source)
+        if message:
+            note(f"note: {message}")
+    n_steps = steps or recipe.sampling.eval_steps or recipe.sampling.steps
+    sample = EditSample(id=video.stem, instruction=instruction, source=source, reference=ref)
+    columns = (TextColumn("[bold]edit"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar, torch.no_grad():
+        task = bar.add_task("encode", total=n_steps + 2)
+        cond = policy.encode([sample])
+        bar.update(task, advance=1, description="denoise")
+        generator = torch.Generator().manual_seed(seed)
+        x0 = sample_ode(_Ticking(policy, lambda: bar.advance(task)), cond, n_steps, shift or recipe.sampling.shift, generator)
+        bar.update(task, description="decode")
+        edited = policy.decode(x0)[0].float().cpu()
+        bar.update(task, advance=1, description="done")
+    odd = edited.shape[-1] % 2 or edited.shape[-2] % 2
+    return write_video(out, edited, fps=max(1, round(video_fps(video))), lossless=bool(odd))
+
+
+def _cli(fn: Callable[[], Any]) -> Any:
+    """The engine's error handling, plus input validation errors (ValueError) as one red line."""
+    from editrl.commands import console, run_cli
+
+    def guarded() -> Any:
+        try:
+            return fn()
+        except ValueError as e:
+            console.print(f"[red]error:[/red] {e}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return run_cli(guarded)
+
+
+def edit(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="a checkpoint directory, or a run directory (its latest)"),
+    video: Path = typer.Option(..., "--video", help="the source video"),
+    instruction: str = typer.Option(..., "--instruction", help="what to change"),
+    out: Path = typer.Option(..., "--out", help="where to write the edited mp4"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="a reference image for the edit"),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="ODE steps (default: the recipe's eval steps)"),
+    shift: Optional[float] = typer.Option(None, "--shift", min=0.0, help="schedule shift (default: the recipe's)"),
+    seed: int = typer.Option(0, "--seed"),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", min=1.0, help="override the policy's CFG scale"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Edit a video with a trained checkpoint (GRPO or SFT)."""
+    from editrl.commands import console
+
+    def go() -> None:
+        path = run_edit(
+            checkpoint, video, instruction, out, reference=reference, steps=steps, shift=shift, seed=seed,
+            guidance_scale=guidance_scale, device=device, note=lambda msg: console.print(f"[yellow]{msg}[/yellow]", highlight=False),
+        )
+        console.print(f"[green]wrote[/green] {path}")
+
+    _cli(go)
+
+
+def sft(
+    recipe: str = typer.Argument(..., help="SFT recipe file, or the name of a bundled recipe (e.g. viva_sft_tiny)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="section.field=value overrides, e.g. train.steps=5"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the run directory's latest checkpoint"),
+) -> None:
+    """Supervised fine-tuning on paired edits with the flow-matching loss (a starting point for GRPO)."""
+    from editrl.commands import console
+
+    def go() -> None:
+        from editrl.sft import SftTrainer, load_sft_recipe
+
+        run_dir = SftTrainer(load_sft_recipe(recipe, overrides or []), resume=resume).fit()
+        console.print(f"[green]done[/green]: {run_dir} (start GRPO from it with policy.init_from={run_dir})")
+
+    _cli(go)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(edit)
+    app.command()(sft)

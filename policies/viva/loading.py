@@ -1,0 +1,46 @@
+"""Loading pretrained parts by path or hub id, with errors that name the component and the recipe key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from editrl.config import RecipeError
+
+T = TypeVar("T")
+# "org/name", or "org/name/sub/folder" for one component of a hub repo (e.g. a diffusers pipeline's transformer/).
+_HUB_ID = re.compile(r"^(?P<repo>[\w-][\w.-]*/[\w.-]+)(?:/(?P<subfolder>[\w.-]+(?:/[\w.-]+)*))?$")
+
+
+def resolve(component: str, path: str) -> dict[str, Any]:
+    """`from_pretrained` arguments for a local directory or a hub id; anything else is an error naming `component`."""
+    local = Path(path).expanduser()
+    if local.exists():
+        return {"pretrained_model_name_or_path": str(local.resolve())}
+    hub = _HUB_ID.match(path)
+    if hub is None:
+        raise RecipeError(
+            f"policy.options.{component}: {path} does not exist (give a local directory or a hub id 'org/name[/subfolder]')"
+        )
+    args: dict[str, Any] = {"pretrained_model_name_or_path": hub["repo"]}
+    if hub["subfolder"]:
+        args["subfolder"] = hub["subfolder"]
+    return args
+
+
+def load(component: str, what: str, path: str, loader: Callable[..., T], **kwargs: Any) -> T:
+    """`loader` (a `from_pretrained`) on `path`, its failures one RecipeError line naming the component."""
+    try:
+        return loader(**resolve(component, path), **kwargs)
+    except RecipeError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RecipeError(f"policy.options.{component}: cannot load a {what} from {path}: {reason[:300]}") from e
+
+
+def check(component: str, ok: bool, message: str) -> None:
+    """A loaded part that does not fit the others (wrong channels, widths, family)."""
+    if not ok:
+        raise RecipeError(f"policy.options.{component}: {message}")
