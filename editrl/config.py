@@ -32,6 +32,9 @@ class RunConfig(StrictModel):
 class PolicyConfig(StrictModel):
     name: str
     init_from: str | None = None  # a checkpoint directory whose trainable weights start this run
+    # An SFT recipe that makes `init_from` when it does not exist yet (a self-contained warm start).
+    warm_start: str | None = None
+    warm_start_overrides: list[str] = Field(default_factory=list)
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -155,6 +158,7 @@ class DistributedConfig(StrictModel):
     zero_stage: Literal[2, 3] = 2
     offload: Literal["none", "cpu"] = "none"
     config: str | None = None  # a DeepSpeed JSON merged over the generated one
+    rollout_gather: bool = True  # ZeRO-3: gather the DiT once per rollout (False: per layer call, for models too big to hold whole)
 
 
 class Recipe(StrictModel):
@@ -360,8 +364,18 @@ def check_plugins(recipe: Recipe, check_paths: bool = True) -> None:
     policy_cls = lookup(POLICIES, recipe.policy.name, "policy.name")
     if getattr(policy_cls, "Options", None) is not None:
         validate_model(policy_cls.Options, recipe.policy.options, "policy.options.")
-    if check_paths and recipe.policy.init_from is not None and not Path(recipe.policy.init_from).exists():
-        raise RecipeError(f"policy.init_from: {recipe.policy.init_from} does not exist")
+    pc = recipe.policy
+    if pc.warm_start is not None:
+        if pc.init_from is None:
+            raise RecipeError("policy.warm_start: set policy.init_from to the directory the warm start writes")
+        from editrl.sft import load_sft_recipe
+
+        try:
+            load_sft_recipe(pc.warm_start, pc.warm_start_overrides, check_paths=check_paths)
+        except RecipeError as e:
+            raise RecipeError(f"policy.warm_start ({pc.warm_start}): {e}") from None
+    elif check_paths and pc.init_from is not None and not Path(pc.init_from).exists():
+        raise RecipeError(f"policy.init_from: {pc.init_from} does not exist")
     for split in ("train", "eval"):
         src = getattr(recipe.data, split)
         if src is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import json
 import shutil
 import time
 from collections import defaultdict
@@ -132,6 +133,8 @@ class Trainer:
         if recipe.optim.lora is not None:
             self.policy.add_lora(recipe.optim.lora)
         if recipe.policy.init_from:
+            if recipe.policy.warm_start and not resume:
+                warm_start(recipe)
             self.policy.load_trainable(find_checkpoint(recipe.policy.init_from))
         self.backend.prepare(self.policy)
         self.ema = self._make_ema()
@@ -170,7 +173,8 @@ class Trainer:
         except FileNotFoundError:
             raise TrainingError(f"--resume: no checkpoint in {self.run_dir} to resume from") from None
         state, info = load_training_state(ckpt)
-        self.policy.load_trainable(ckpt)
+        with self.backend.gathered(self.policy):
+            self.policy.load_trainable(ckpt)
         self.backend.load_state_dict(state["backend"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
@@ -179,6 +183,7 @@ class Trainer:
         self.cursor.position = int(info["cursor"])
 
     def save(self) -> Path | None:
+        self.backend.save_shards(f"step_{self.step:06d}")  # collective, before `latest` can name this step
         with self.backend.gathered(self.policy):
             if not self.backend.is_main:
                 return None
@@ -220,7 +225,8 @@ class Trainer:
                     cond = self.policy.encode(chunk).repeat_interleave(g.group_size)
                 else:
                     cond = self.policy.encode([smp for smp in chunk for _ in range(g.group_size)])
-            gen = torch.Generator().manual_seed(derive_seed(r.run.seed, self.step, 2, self.backend.rank, c))
+            # Seeded by the chunk's global group index: the same groups get the same noise on any number of ranks.
+            gen = torch.Generator().manual_seed(derive_seed(r.run.seed, self.step, 2, self.backend.rank * self.layout.groups_per_rank + c))
             with timer("rollout"):
                 traj = rollout(
                     self.policy, cond, self.sigmas, sde_steps=sde_steps, trained_steps=trained,
@@ -274,7 +280,11 @@ class Trainer:
         scores = {n: o.scores for n, o in ro.rewards.items()}
         valid = {n: o.valid for n, o in ro.rewards.items()}
         total, ok = grpo.aggregate_rewards(scores, valid, self.recipe.rewards.weights(), ro.group_ids, rc.aggregation)
-        adv = grpo.group_advantages(total, ok, ro.group_ids, scale=g.scale, adv_clip=g.adv_clip)
+        # Over the global batch (rewards all-gathered in rank order), so `scale: batch` sees every rank's groups.
+        n, offset = len(total), self.backend.rank * self.layout.groups_per_rank
+        gids, all_ok = self.backend.all_gather(ro.group_ids + offset), self.backend.all_gather(ok.float()).bool()
+        adv = grpo.group_advantages(self.backend.all_gather(total.float()), all_ok, gids, scale=g.scale, adv_clip=g.adv_clip)
+        adv = adv[self.backend.rank * n : (self.backend.rank + 1) * n]
         tied = grpo.tied_groups(total, ok, ro.group_ids)
         train_mask = ok & ~tied if g.skip_tied_groups else ok
         metrics["reward/total/mean"] = float(total[ok].mean()) if bool(ok.any()) else float("nan")
@@ -290,13 +300,17 @@ class Trainer:
         r, g = self.recipe, self.recipe.grpo
         lay = self.layout
         idx = torch.nonzero(train_mask).flatten()
-        if idx.numel() == 0:
+        mb = lay.micro_batch_size
+        # ZeRO's collectives pair up across ranks: every rank runs as many micro-batches as the busiest one (the
+        # extra ones at zero weight), and the loss is scaled so that the rank-averaged gradient is the global mean.
+        real = [-(-int(n) // mb) for n in self.backend.all_gather(torch.tensor([idx.numel()]))]
+        if max(real) == 0:
             metrics["train/skipped"] = 1.0
             return
         order_gen = torch.Generator().manual_seed(derive_seed(r.run.seed, self.step, 3, self.backend.rank))
         idx = idx[torch.randperm(idx.numel(), generator=order_gen)]
-        mb = lay.micro_batch_size
-        micro = [idx[i : i + mb] for i in range(0, idx.numel(), mb)]
+        micro = [(idx[i : i + mb], 1.0) for i in range(0, idx.numel(), mb)]
+        micro += [(torch.arange(mb), 0.0)] * (max(real) - len(micro))
         per_update = max(1, -(-len(micro) // g.minibatches))
         loss_fn = grpo.LOSSES.get(g.loss)
         stats: dict[str, list[float]] = defaultdict(list)
@@ -306,13 +320,16 @@ class Trainer:
         with timer("train"):
             for u in range(0, len(micro), per_update):
                 update = micro[u : u + per_update]
-                n_back = len(update) * len(ro.traj.steps)
-                for mb_idx in update:
+                n_real = sum(min(max(n - u, 0), per_update) for n in real)  # real micro-batches, all ranks
+                n_back = n_real * len(ro.traj.steps) / self.backend.world_size
+                for mb_idx, weight in update:
                     cond = ro.cond.index(mb_idx)
                     a = adv[mb_idx]
                     for k, step_i in enumerate(ro.traj.steps):
                         loss, out = self._step_loss(ro.traj, mb_idx, k, cond, a, loss_fn)
-                        self.backend.backward(loss / n_back)
+                        self.backend.backward(loss * weight / n_back)
+                        if not weight:
+                            continue
                         stats["loss"].append(float(loss.detach()))
                         stats["clip_frac"].append(float(out.clipped.float().mean()))
                         stats["approx_kl"].append(float(out.approx_kl))
@@ -338,14 +355,14 @@ class Trainer:
         sigma = float(traj.sigmas[k])
         sigma_next = float(traj.sigmas_next[k])
         sigma_vec = torch.full((x.shape[0],), sigma, device=self.device)
-        v = self.policy.velocity(x, sigma_vec, cond)
+        v = self.backend.forward(self.policy.velocity, x, sigma_vec, cond)
         out = sde.step(s.sde, x, v, sigma, sigma_next, noise_level=s.noise_level, prev_sample=traj.next_latents[mb_idx, k])
         pg = loss_fn(out.log_prob, traj.log_probs[mb_idx, k].to(self.device), adv.to(self.device), g.clip_range)
         pg.extra = {"pg_loss": float(pg.loss.detach())}
         loss = pg.loss
         if g.beta > 0:
             with torch.no_grad(), self.policy.reference():
-                v_ref = self.policy.velocity(x, sigma_vec, cond)
+                v_ref = self.backend.forward(self.policy.velocity, x, sigma_vec, cond)
             ref = sde.step(s.sde, x, v_ref, sigma, sigma_next, noise_level=s.noise_level, prev_sample=out.prev_sample)
             kl = grpo.kl_to_reference(out.mean, ref.mean, out.std).mean()
             loss = loss + g.beta * kl
@@ -358,7 +375,8 @@ class Trainer:
         timer = Timer()
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
-        ro, trained = self.collect(timer)
+        with self.backend.inference(self.policy):
+            ro, trained = self.collect(timer)
         adv, mask = self.advantages(ro, metrics)
         self.optimise(ro, adv, mask, timer, metrics)
         if "train/skipped" not in metrics:
@@ -380,7 +398,7 @@ class Trainer:
         scores: dict[str, list[Tensor]] = defaultdict(list)
         bs = self.layout.micro_batch_size
         ema_ctx = self._ema_weights() if self.ema is not None else contextlib.nullcontext()
-        with ema_ctx:
+        with ema_ctx, self.backend.inference(self.policy):
             for i in range(0, len(samples), bs):
                 chunk = samples[i : i + bs]
                 edited = edit_videos(self.policy, chunk, s.eval_steps or s.steps, s.shift, self.recipe.run.seed + i)
@@ -425,6 +443,31 @@ def _done(value: Any) -> cf.Future:
     f: cf.Future = cf.Future()
     f.set_result(value)
     return f
+
+
+def warm_start(recipe: Recipe) -> Path:
+    """Make `policy.init_from` with the `policy.warm_start` SFT recipe, unless a finished one is there.
+
+    Several runs (a sweep's variants and seeds) share one warm start: a file lock lets the first build it,
+    and an interrupted warm start resumes from its own checkpoint.
+    """
+    from filelock import FileLock
+
+    from editrl.sft import SftTrainer, load_sft_recipe
+
+    pc = recipe.policy
+    out = Path(pc.init_from)  # type: ignore[arg-type]
+    sft = load_sft_recipe(pc.warm_start, [*pc.warm_start_overrides, f"run.output_dir={out}"])  # type: ignore[arg-type]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        try:
+            done = json.loads((find_checkpoint(out) / "state.json").read_text())["step"] >= sft.train.steps
+        except FileNotFoundError:
+            done = False
+        if not done:
+            resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step_*"))
+            SftTrainer(sft, resume=resume).fit()
+    return out
 
 
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
