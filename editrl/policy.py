@@ -109,14 +109,14 @@ class LoraPolicy:
             self.denoiser.enable_adapters()  # type: ignore[operator]
 
     def trainable_state_dict(self) -> dict[str, dict[str, Tensor]]:
-        """Adapter and extra weights as plain CPU tensors (gathered first under ZeRO-3 by the caller)."""
+        """Adapter and extra weights as CPU copies (never views of live weights; gathered first under ZeRO-3)."""
         out: dict[str, dict[str, Tensor]] = {}
         if self.has_lora:
             from peft.utils import get_peft_model_state_dict
 
-            out["adapter"] = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.denoiser).items()}
+            out["adapter"] = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.denoiser).items()}
         extra = {
-            f"{name}.{k}": v.detach().cpu().contiguous()
+            f"{name}.{k}": v.detach().cpu().clone()
             for name, module in self.extra_trainable.items()
             for k, v in module.state_dict().items()
         }

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import yaml
@@ -22,7 +22,7 @@ from torch import Tensor
 from editrl.checkpoint import find_checkpoint, load_training_state, save_checkpoint
 from editrl.config import Recipe, RecipeError, dump_recipe, load_recipe
 from editrl.data.base import build_dataset
-from editrl.distributed import make_backend
+from editrl.distributed import LocalBackend, make_backend
 from editrl.monitor import RunLogger, console
 from editrl.policy import StrictModel, build_policy
 from editrl.trainer import DataCursor, derive_seed
@@ -82,14 +82,25 @@ def sample_sigmas(n: int, cfg: SftConfig, shift: float, generator: torch.Generat
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
-def flow_matching_loss(policy: Any, samples: list[EditSample], cfg: SftConfig, shift: float, generator: torch.Generator) -> Tensor:
-    """Mean squared error between the predicted and the true velocity eps - x0 at random noise levels."""
+def flow_matching_loss(
+    policy: Any,
+    samples: list[EditSample],
+    cfg: SftConfig,
+    shift: float,
+    generator: torch.Generator,
+    forward: Callable[..., Tensor] | None = None,
+) -> Tensor:
+    """Mean squared error between the predicted and the true velocity eps - x0 at random noise levels.
+
+    `forward(fn, *args)` runs the trained call (the backend's, so DeepSpeed's engine hooks see it).
+    """
     cond = policy.encode(samples)
     x0 = policy.encode_target(samples).float()
     eps = torch.randn(x0.shape, generator=generator).to(x0.device)
     sigma = sample_sigmas(x0.shape[0], cfg, shift, generator).to(x0.device)
     s = sigma.view(-1, *([1] * (x0.dim() - 1)))
-    v = policy.velocity((1 - s) * x0 + s * eps, sigma, cond)
+    x = (1 - s) * x0 + s * eps
+    v = forward(policy.velocity, x, sigma, cond) if forward is not None else policy.velocity(x, sigma, cond)
     return torch.nn.functional.mse_loss(v.float(), eps - x0)
 
 
@@ -100,7 +111,7 @@ def _requires_targets(samples: list[EditSample]) -> None:
 
 
 class SftTrainer:
-    def __init__(self, recipe: SftRecipe, resume: bool = False) -> None:
+    def __init__(self, recipe: SftRecipe, resume: bool = False, backend: LocalBackend | None = None) -> None:
         self.recipe = recipe
         self.run_dir = recipe.output_dir
         if not resume and any((self.run_dir / "checkpoints").glob("step_*")):
@@ -111,7 +122,7 @@ class SftTrainer:
         self.policy = build(recipe)
         if not callable(getattr(self.policy, "encode_target", None)):
             raise RecipeError(f"policy.name: {recipe.policy.name!r} has no encode_target(), which SFT needs")
-        self.backend = make_backend(recipe)
+        self.backend = backend or make_backend(recipe)
         self.backend.prepare(self.policy)
         self.data = build_dataset(recipe.data.train.kind, recipe.data.train.options)
         self.eval = build_dataset(recipe.data.eval.kind, recipe.data.eval.options) if recipe.data.eval else None
@@ -145,7 +156,7 @@ class SftTrainer:
         for m in self.policy.modules_for_training():
             m.train()
         gen = torch.Generator().manual_seed(derive_seed(r.run.seed, self.step))
-        loss = flow_matching_loss(self.policy, samples, r.sft, r.sampling.shift, gen)
+        loss = flow_matching_loss(self.policy, samples, r.sft, r.sampling.shift, gen, forward=self.backend.forward)
         self.backend.backward(loss)
         grad_norm = self.backend.step()
         self.backend.schedule_step()
@@ -155,6 +166,7 @@ class SftTrainer:
         return {"train/loss": float(loss.detach()), "train/grad_norm": grad_norm, "lr": self.backend.lr, "time/step": time.perf_counter() - t0}
 
     def save(self) -> Path:
+        self.backend.save_shards(f"step_{self.step:06d}")  # collective, before `latest` can name this step
         state = {"backend": self.backend.state_dict()}
         return save_checkpoint(
             self.run_dir, self.step, self.recipe, self.policy, state, {"cursor": self.cursor.position},

@@ -134,7 +134,9 @@ class Trainer:
             self.policy.add_lora(recipe.optim.lora)
         if recipe.policy.init_from:
             if recipe.policy.warm_start and not resume:
-                warm_start(recipe)
+                if self.backend.is_main:  # one process builds it; the other ranks wait, then load it
+                    warm_start(recipe)
+                self.backend.barrier()
             self.policy.load_trainable(find_checkpoint(recipe.policy.init_from))
         self.backend.prepare(self.policy)
         self.ema = self._make_ema()
@@ -449,10 +451,11 @@ def warm_start(recipe: Recipe) -> Path:
     """Make `policy.init_from` with the `policy.warm_start` SFT recipe, unless a finished one is there.
 
     Several runs (a sweep's variants and seeds) share one warm start: a file lock lets the first build it,
-    and an interrupted warm start resumes from its own checkpoint.
+    and an interrupted warm start resumes from its own checkpoint. It always runs as a single process.
     """
     from filelock import FileLock
 
+    from editrl.distributed import LocalBackend
     from editrl.sft import SftTrainer, load_sft_recipe
 
     pc = recipe.policy
@@ -466,7 +469,7 @@ def warm_start(recipe: Recipe) -> Path:
             done = False
         if not done:
             resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step_*"))
-            SftTrainer(sft, resume=resume).fit()
+            SftTrainer(sft, resume=resume, backend=LocalBackend(sft.optim)).fit()
     return out
 
 
