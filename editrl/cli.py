@@ -11,6 +11,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="RL post-trai
 # Commands that live beside the code they drive; each module exposes `register(app)`.
 COMMAND_MODULES = [
     "editrl.commands",
+    "editrl.inference",
+    "editrl.data.cli",
+    "editrl.judge",
 ]
 
 

@@ -121,6 +121,7 @@ POLICIES: Registry[Any] = Registry(
     "editrl.policies",
     {
         "toy_t2v": "editrl.policies.toy:ToyT2VPolicy",
+        "viva": "editrl.policies.viva:VivaPolicy",
     },
 )
 REWARDS: Registry[Any] = Registry(
@@ -129,6 +130,14 @@ REWARDS: Registry[Any] = Registry(
     {
         "brightness": "editrl.rewards.simple:Brightness",
         "target_color": "editrl.rewards.simple:TargetColor",
+        "vlm_fidelity": "editrl.rewards.vlm_judge.judges:Fidelity",
+        "vlm_preservation": "editrl.rewards.vlm_judge.judges:Preservation",
+        "vlm_aesthetics": "editrl.rewards.vlm_judge.judges:Aesthetics",
+        "iqa": "editrl.rewards.iqa:Iqa",
+        "pixel_preservation": "editrl.rewards.pixel:Preservation",
+        "temporal_consistency": "editrl.rewards.pixel:TemporalConsistency",
+        "oracle_fidelity": "editrl.rewards.oracle:OracleFidelity",
+        "oracle_preservation": "editrl.rewards.oracle:OraclePreservation",
     },
 )
 DATASETS: Registry[Any] = Registry(
@@ -136,5 +145,7 @@ DATASETS: Registry[Any] = Registry(
     "editrl.datasets",
     {
         "prompts": "editrl.data.prompts:PromptDataset",
+        "manifest": "editrl.data.manifest:ManifestDataset",
+        "synthetic": "editrl.data.synth:SyntheticDataset",
     },
 )

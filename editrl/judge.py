@@ -1,0 +1,124 @@
+"""`editrl judge --recipe R --data DIR`: score a folder of existing edits with a recipe's rewards.
+
+Useful to check a judge (server up, prompt sensible, scores spread) before a long run. The folder is a
+manifest folder whose rows name their `edited` video; rows without one are skipped. Rows are scored in
+batches of equal video shape; the table shows each reward's score, or why it has none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+
+def score_folder(
+    recipe_path: str,
+    data: str | Path,
+    overrides: list[str] | None = None,
+    batch_size: int = 8,
+    max_frames: int | None = None,
+    progress: bool = True,
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """(reward names, one row per scored edit: id, instruction, {name: score or None}, {name: error})."""
+    import torch
+    from rich.progress import Progress
+
+    from editrl.config import load_recipe
+    from editrl.data.manifest import load_manifest, load_sample
+    from editrl.evaluate import recipe_rewards
+    from editrl.trainer import reward_batch
+
+    recipe = load_recipe(recipe_path, overrides or [])
+    entries = [e for e in load_manifest(data, on_error="fail") if e.row.edited is not None]
+    if not entries:
+        raise ValueError(f"no row of {data} names an `edited` video to score")
+    rewards = recipe_rewards(recipe)
+    if rewards is None:
+        raise ValueError(f"recipe {recipe_path} has no rewards")
+    rows: list[dict[str, Any]] = []
+    pending: dict[tuple[int, ...], list[Any]] = {}
+
+    def flush(samples: list[Any]) -> None:
+        edited = torch.stack([s.edited for s in samples])
+        outs = rewards.score(reward_batch(samples, edited, rewards.needs))
+        for i, s in enumerate(samples):
+            scores, errors = {}, {}
+            for name, out in outs.items():
+                ok = bool(out.valid[i])
+                scores[name] = float(out.scores[i]) if ok else None
+                err = (out.extras.get("error") or [None] * len(samples))[i]
+                errors[name] = None if ok else (err or "no score")
+            rows.append({"id": s.id, "instruction": s.instruction, "scores": scores, "errors": errors})
+
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task("judging", total=len(entries))
+        for entry in entries:
+            sample = load_sample(entry, max_frames)
+            group = pending.setdefault(tuple(sample.edited.shape), [])
+            group.append(sample)
+            if len(group) == batch_size:
+                flush(group)
+                bar.advance(task, len(group))
+                group.clear()
+        for group in pending.values():
+            if group:
+                flush(group)
+                bar.advance(task, len(group))
+    order = {e.row.id: i for i, e in enumerate(entries)}
+    rows.sort(key=lambda r: order[r["id"]])
+    return rewards.names, rows
+
+
+def render_table(names: list[str], rows: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table("id", "instruction", *names, title="judge scores")
+    for r in rows:
+        cells = [
+            f"{r['scores'][n]:.3f}" if r["scores"][n] is not None else f"[red]invalid[/red]: {r['errors'][n]}" for n in names
+        ]
+        table.add_row(r["id"], r["instruction"][:50], *cells)
+    summary = []
+    for n in names:
+        valid = [r["scores"][n] for r in rows if r["scores"][n] is not None]
+        mean = sum(valid) / len(valid) if valid else math.nan
+        summary.append(f"{mean:.3f} ({len(valid)}/{len(rows)} valid)")
+    table.add_section()
+    table.add_row("[bold]mean[/bold]", "", *summary)
+    return table
+
+
+def judge(
+    recipe: str = typer.Option(..., "--recipe", "-r", help="recipe whose `rewards` score the edits"),
+    data: Path = typer.Option(..., "--data", "-d", help="manifest folder whose rows name an `edited` video"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="section.field=value overrides of the recipe"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="edits scored together (judges send them concurrently)"),
+    max_frames: Optional[int] = typer.Option(None, "--max-frames", min=1, help="read at most this many frames per video"),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the scores as JSON lines to this file"),
+) -> None:
+    """Score a folder of edits with the recipe's rewards and print a table."""
+    from rich.console import Console
+
+    from editrl.commands import console, run_cli
+
+    def go() -> None:
+        try:
+            names, rows = score_folder(recipe, data, overrides, batch_size, max_frames)
+        except (ValueError, ImportError) as e:  # judge server down, bad manifest row, missing pyiqa, ...
+            console.print(f"[red]error:[/red] {e}", highlight=False)
+            raise typer.Exit(2) from None
+        Console().print(render_table(names, rows))
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            console.print(f"[green]wrote[/green] {out}")
+
+    run_cli(go)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(judge)

@@ -1,0 +1,102 @@
+"""Any pyiqa image-quality metric as a reward, scored on a few frames of each video.
+
+No-reference metrics (NIQE, MUSIQ, CLIP-IQA, ...) score the edited video alone (aesthetics/quality);
+full-reference ones (LPIPS, DISTS, SSIM, ...) compare each edited frame with the same source frame
+(preservation). Scores are oriented so that higher is better: a metric where lower is better (LPIPS,
+NIQE) is negated; the metric's own value is kept in `extras["value"]`.
+
+Learned metrics download their weights on first use, which cannot happen offline: the reward then fails
+when it is built (a RecipeError: one line from the CLI), naming the metric, the URL pyiqa wanted and the
+`weights` option that takes a local file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field
+
+from editrl.config import RecipeError
+from editrl.policy import StrictModel
+from editrl.registry import did_you_mean
+from editrl.types import RewardBatch, RewardOutput
+
+_DOWNLOAD = re.compile(r'Downloading: "([^"]+)"')
+
+
+class Iqa:
+    """Any pyiqa metric on a few frames: a no-reference one scores the edit, a full-reference one compares it with the source."""
+
+    needs: ClassVar[set[str]] = {"edited", "source"}  # narrowed per instance: NR metrics need "edited" only
+
+    class Options(StrictModel):
+        metric: str
+        weights: str | None = None  # a local weights file, passed to pyiqa as `pretrained_model_path`
+        frames: int | None = Field(4, ge=1)  # frames per video, evenly spaced; None = every frame
+        device: str = "cpu"
+        batch_size: int = Field(16, ge=1)  # frames per forward pass
+        metric_options: dict[str, Any] = Field(default_factory=dict)  # other pyiqa `create_metric` arguments
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        try:
+            import pyiqa
+            from pyiqa.default_model_configs import DEFAULT_CONFIGS
+        except ImportError as e:
+            raise RecipeError(f"the iqa reward needs pyiqa: pip install 'editrl[iqa]' ({e})") from None
+        name = options.metric
+        if name not in DEFAULT_CONFIGS:
+            raise RecipeError(f"unknown pyiqa metric {name!r}{did_you_mean(name, list(DEFAULT_CONFIGS))}")
+        kwargs = dict(options.metric_options)
+        if options.weights is not None:
+            kwargs["pretrained_model_path"] = options.weights
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):  # pyiqa announces each download on stdout
+                self.metric = pyiqa.create_metric(name, device=torch.device(options.device), **kwargs)
+        except Exception as e:
+            urls = _DOWNLOAD.findall(printed.getvalue())
+            if not urls:
+                raise RecipeError(f"pyiqa metric {name!r} could not be built: {e}") from None
+            raise RecipeError(
+                f"pyiqa metric {name!r} needs weights from {urls[-1]}, which cannot be fetched ({e}); "
+                f"download that file elsewhere and set the reward option `weights: /path/to/{urls[-1].rsplit('/', 1)[-1]}`"
+            ) from None
+        self.metric.eval()
+        self.full_reference = self.metric.metric_mode == "FR"
+        self.sign = -1.0 if self.metric.lower_better else 1.0
+        self.needs = {"edited", "source"} if self.full_reference else {"edited"}
+
+    def _frames(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, T, C, H, W) -> (B, n, C, H, W), n evenly spaced frames."""
+        n = self.options.frames
+        t = video.shape[1]
+        if n is None or n >= t:
+            return video
+        return video[:, torch.linspace(0, t - 1, n).round().long()]
+
+    @torch.no_grad()
+    def __call__(self, batch: RewardBatch) -> RewardOutput:
+        if batch.edited is None:
+            raise ValueError("the iqa reward needs the edited videos")
+        edited = self._frames(batch.edited.float().clamp(0, 1))
+        b, n = edited.shape[:2]
+        flat = edited.flatten(0, 1)
+        ref = None
+        if self.full_reference:
+            if batch.sources is None:
+                raise ValueError(f"pyiqa metric {self.options.metric!r} is full-reference: it needs the source videos")
+            ref = self._frames(batch.sources.float().clamp(0, 1)).flatten(0, 1)
+            if ref.shape != flat.shape:
+                raise ValueError(f"edited {tuple(flat.shape)} and source {tuple(ref.shape)} frames differ in shape")
+        values = []
+        step = self.options.batch_size
+        for i in range(0, flat.shape[0], step):
+            args = (flat[i : i + step],) if ref is None else (flat[i : i + step], ref[i : i + step])
+            values.append(torch.as_tensor(self.metric(*args)).detach().float().cpu().reshape(-1))
+        per_sample = torch.cat(values).reshape(b, n).mean(dim=1)
+        return RewardOutput(self.sign * per_sample, per_sample.isfinite(), {"value": per_sample.tolist()})

@@ -1,0 +1,41 @@
+"""A real vLLM server of a tiny random Qwen2-VL, started once per session when .venv-vllm exists.
+
+CI creates that environment with scripts/vllm_env.sh; elsewhere these tests skip, saying so.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from editrl.rewards.vlm_judge.local_server import DEFAULT_PYTHON, REPO, LocalVllmServer
+
+SKIP_REASON = f"{DEFAULT_PYTHON} not found: create the vLLM test environment with `bash scripts/vllm_env.sh`"
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> Path:
+    if not DEFAULT_PYTHON.exists():
+        pytest.skip(SKIP_REASON)
+    out = tmp_path_factory.mktemp("tiny_vlm")
+    subprocess.run([str(DEFAULT_PYTHON), str(REPO / "scripts" / "tiny_vlm.py"), str(out)], check=True, capture_output=True, timeout=300)
+    return out
+
+
+@pytest.fixture(scope="session")
+def judge_server(tiny_vlm, tmp_path_factory):
+    server = LocalVllmServer(tiny_vlm, log_path=tmp_path_factory.mktemp("vllm_log") / "server.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def disposable_server(tiny_vlm, tmp_path):
+    """A server of its own, for tests that kill it."""
+    server = LocalVllmServer(tiny_vlm, log_path=tmp_path / "server.log")
+    server.start()
+    yield server
+    server.stop()
