@@ -61,25 +61,22 @@ def held_bytes(trainer: Any) -> dict[str, int]:
 def rollout_gathers(trainer: Any, gathered: bool) -> dict[str, float]:
     from deepspeed.comm import comm
 
+    from editrl.distributed import all_gather_traffic
     from editrl.trainer import Timer
 
-    comm.comms_logger.comms_dict.clear()
+    def rollouts() -> None:
+        if gathered:
+            with trainer.backend.inference(trainer.policy):
+                trainer.collect(Timer())
+        else:
+            trainer.collect(Timer())
+
     comm.comms_logger.enabled = comm.comms_logger.prof_all = True  # only here: it syncs after every collective
     t0 = time.perf_counter()
-    if gathered:
-        with trainer.backend.inference(trainer.policy):
-            trainer.collect(Timer())
-    else:
-        trainer.collect(Timer())
+    traffic = all_gather_traffic(rollouts)
     seconds = time.perf_counter() - t0
     comm.comms_logger.enabled = False
-    calls = nbytes = 0
-    for name, sizes in comm.comms_logger.comms_dict.items():
-        if "all_gather" in name:
-            for size, record in sizes.items():
-                calls += record[0]
-                nbytes += int(size) * record[0]
-    return {"calls": calls, "bytes": nbytes, "seconds": seconds}
+    return {**traffic, "seconds": seconds}
 
 
 def worker(spec_path: str) -> None:

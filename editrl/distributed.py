@@ -31,6 +31,24 @@ def warmup_lambda(warmup_steps: int) -> Any:
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
+def all_gather_traffic(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, int]:
+    """All-gather collectives and bytes that `fn(*args, **kwargs)` issues, from DeepSpeed's comms logger.
+
+    The logger must be enabled (`comms_logger` in the DeepSpeed config, or its `enabled`/`prof_all` flags).
+    """
+    from deepspeed.comm import comm
+
+    comm.comms_logger.comms_dict.clear()
+    fn(*args, **kwargs)
+    calls = nbytes = 0
+    for name, sizes in comm.comms_logger.comms_dict.items():
+        if "all_gather" in name:
+            for size, record in sizes.items():
+                calls += record[0]
+                nbytes += int(size) * record[0]
+    return {"calls": calls, "bytes": nbytes}
+
+
 def launch_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) as set by torchrun / deepspeed / accelerate launch; (0, 1, 0) without one."""
     env = os.environ

@@ -7,6 +7,15 @@ import torch
 torch.set_num_threads(int(os.environ.get("EDITRL_TEST_THREADS", "2")))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def editrl_cache(tmp_path_factory):
+    """Tiny presets and synthetic data are built once per test session in a temporary cache, never the user's:
+    every CI run exercises the build, and subprocesses inherit the variable."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDITRL_CACHE", str(tmp_path_factory.getbasetemp() / "editrl-cache"))
+        yield
+
+
 @pytest.fixture
 def toy_overrides(tmp_path):
     """A fast toy run in a temporary directory."""

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from editrl.config import RecipeError, load_recipe
+from editrl.distributed import all_gather_traffic
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (2, 3)
@@ -80,21 +81,6 @@ def _held_fraction(module: torch.nn.Module) -> float:
     return local / total
 
 
-def _all_gathers(fn: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
-    """All-gather collectives and bytes that `fn(*args, **kwargs)` issues, from DeepSpeed's comms logger."""
-    from deepspeed.comm import comm
-
-    comm.comms_logger.comms_dict.clear()
-    fn(*args, **kwargs)
-    calls = nbytes = 0
-    for name, sizes in comm.comms_logger.comms_dict.items():
-        if "all_gather" in name:
-            for size, record in sizes.items():
-                calls += record[0]
-                nbytes += int(size) * record[0]
-    return {"calls": calls, "bytes": nbytes}
-
-
 def _trainable(trainer: Any) -> dict[str, dict[str, torch.Tensor]]:
     """The trainable weights, gathered and copied (on CPU the state dict's tensors are the live parameters)."""
     with trainer.backend.gathered(trainer.policy):
@@ -122,8 +108,8 @@ def worker(spec_path: str) -> None:
         metrics = _run(trainer, recipe.train.steps, recipe.train.save_every)
         trained = _trainable(trainer)
         gathers = {
-            "once": _all_gathers(_collect, trainer, Timer, gathered=True),
-            "per_call": _all_gathers(_collect, trainer, Timer, gathered=False),
+            "once": all_gather_traffic(_collect, trainer, Timer, gathered=True),
+            "per_call": all_gather_traffic(_collect, trainer, Timer, gathered=False),
         }
         # Resume from step 2 as if the run had died right after saving it.
         root = checkpoint_root(recipe.output_dir)

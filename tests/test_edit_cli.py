@@ -14,13 +14,11 @@ from editrl.trainer import train
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDITRL_CACHE", str(tmp_path_factory.getbasetemp() / "editrl-cache"))
-        run = tmp_path_factory.mktemp("grpo") / "run"
-        yield train(load_recipe("viva_tiny", [
-            f"run.output_dir={run}", "run.threads=null", "train.progress=false", "data.train.options.n=8",
-            "train.steps=1", "train.save_every=1",
-        ]))
+    run = tmp_path_factory.mktemp("grpo") / "run"
+    return train(load_recipe("viva_tiny", [
+        f"run.output_dir={run}", "run.threads=null", "train.progress=false", "data.train.options.n=8",
+        "train.steps=1", "train.save_every=1",
+    ]))
 
 
 def edit(*args):

@@ -14,13 +14,6 @@ from editrl.sft import SftConfig, SftTrainer, load_sft_recipe, sample_sigmas
 from editrl.trainer import Trainer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def viva_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDITRL_CACHE", str(tmp_path_factory.getbasetemp() / "editrl-cache"))
-        yield
-
-
 def overrides(run_dir, steps=30):
     return [
         f"run.output_dir={run_dir}", "run.threads=null", "train.progress=false", f"train.steps={steps}",

@@ -9,13 +9,6 @@ from editrl.monitor import read_metrics
 from editrl.trainer import Trainer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def viva_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDITRL_CACHE", str(tmp_path_factory.getbasetemp() / "editrl-cache"))
-        yield
-
-
 def count_vlm_rows(policy) -> list[int]:
     rows: list[int] = []
     policy.instructor.model.register_forward_hook(

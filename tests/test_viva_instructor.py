@@ -8,13 +8,6 @@ from editrl.policies.viva.instructor import Instructor
 from editrl.policies.viva.presets import tiny_paths
 
 
-@pytest.fixture(scope="module", autouse=True)
-def viva_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDITRL_CACHE", str(tmp_path_factory.getbasetemp() / "editrl-cache"))
-        yield
-
-
 def frames(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.rand(3, 32, 32, generator=g) for _ in range(n)]

@@ -11,14 +11,6 @@ from editrl.types import EditSample
 INSTRUCTIONS = ["make the sky red", "turn the car blue and the tree green", "remove the ball", "add a dog on the left"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def viva_cache(tmp_path_factory):
-    """One tiny preset per test session, built in a temporary cache (never in the user's)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDITRL_CACHE", str(tmp_path_factory.getbasetemp() / "editrl-cache"))
-        yield
-
-
 def viva(**options):
     return build_policy("viva", {"preset": "tiny", "text_len": 32, "refiner_heads": 2, **options})
 
