@@ -54,7 +54,8 @@ def main() -> None:
     parser.add_argument("--fast-steps", type=int, default=None, help="default: 3x --steps")
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--metric", default=None, help="held-out metric (default: the first eval/* logged)")
+    parser.add_argument("--metric", default=None,
+                        help="held-out metric (default: eval/total, the recipe's weighted reward, else the first eval/*)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     table = Table("seed", "schedule", "target", "train s to target", "train s total", "final held-out")
@@ -69,7 +70,7 @@ def main() -> None:
                                                    f"run.output_dir={tmp}/{name}-{seed}", "train.progress=false"])
                 run = train(recipe, overwrite=True)
                 rows = read_metrics(run / "metrics.jsonl")
-                metric = args.metric or next(k for k in rows[0] if k.startswith("eval/"))
+                metric = args.metric or ("eval/total" if "eval/total" in rows[0] else next(k for k in rows[0] if k.startswith("eval/")))
                 curves[name] = curve(run, metric)
             target = curves["default"][-1][1]
             times = {n: time_to(c, target) for n, c in curves.items()}

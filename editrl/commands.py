@@ -47,11 +47,20 @@ def train(
     from editrl.config import derive_layout, load_recipe
 
     def go() -> None:
-        rec = load_recipe(recipe, overrides or [])
+        rec = load_recipe(recipe, overrides or [], check_paths=not dry_run)  # a dry run lists missing paths below
         if dry_run:
             layout = derive_layout(rec)
             console.print(f"[green]recipe ok[/green]: {rec.run.name} -> {rec.output_dir}")
             console.print(layout.model_dump())
+            from editrl.preflight import preflight
+
+            problems = preflight(rec)
+            for problem in problems:
+                console.print(f"[red]missing:[/red] {problem}", highlight=False)
+            if problems:
+                console.print(f"[red]not ready[/red]: {len(problems)} weights/servers the recipe needs are missing here")
+                raise typer.Exit(2)
+            console.print("[green]ready[/green]: every weight and server the recipe names is here")
             return
         from editrl.trainer import train as run_training
 

@@ -170,11 +170,21 @@ def final_metrics(run_dir: Path) -> dict[str, float]:
     return out
 
 
+def first_eval(run_dir: Path) -> dict[str, float]:
+    """The eval metrics of a run's first evaluation (step 0: the starting checkpoint), {} if it has none."""
+    for row in read_metrics(run_dir / "metrics.jsonl"):
+        evals = {k: v for k, v in row.items() if k.startswith("eval/") and isinstance(v, (int, float))}
+        if evals:
+            return evals
+    return {}
+
+
 def write_results(runs: list[Run], out: Path, metrics: list[str] | None) -> None:
     finished = [r for r in runs if r.done]
     if not finished:
         return
     finals = {(r.variant, r.seed): final_metrics(r.run_dir) for r in finished}
+    firsts = {(r.variant, r.seed): first_eval(r.run_dir) for r in finished}
     if metrics is None:
         keys = sorted({k for f in finals.values() for k in f if k.startswith("eval/")})
         metrics = keys + ["reward/total/mean"]
@@ -186,20 +196,32 @@ def write_results(runs: list[Run], out: Path, metrics: list[str] | None) -> None
         for m in metrics:
             values = [f[m] for f in mine if m in f]
             row[m] = mean_ci(values) if values else None
+            # Per run, the final value minus its own step-0 evaluation: what training changed.
+            deltas = [finals[(r.variant, r.seed)][m] - firsts[(r.variant, r.seed)][m] for r in finished
+                      if r.variant == v and m in finals[(r.variant, r.seed)] and m in firsts[(r.variant, r.seed)]]
+            row[f"{m} change"] = mean_ci(deltas) if deltas else None
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "results.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["variant", "seeds", *[c for m in metrics for c in (f"{m} mean", f"{m} ci95")]])
+        columns = [*metrics, *(f"{m} change" for m in metrics)]
+        w.writerow(["variant", "seeds", *[c for m in columns for c in (f"{m} mean", f"{m} ci95")]])
         for row in rows:
             w.writerow([row["variant"], row["seeds"],
-                        *[x for m in metrics for x in (row[m] if row[m] else ("", ""))]])
-    lines = ["| variant | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-    for row in rows:
-        cells = [f"{row[m][0]:.4f} ± {row[m][1]:.4f}" if row[m] else "–" for m in metrics]
-        lines.append(f"| {row['variant']} | {row['seeds']} | " + " | ".join(cells) + " |")
-    (out / "results.md").write_text("\n".join(lines) + "\n\nmean ± 95% CI over seeds (Student t).\n")
+                        *[x for m in columns for x in (row[m] if row[m] else ("", ""))]])
+    text = ""
+    for suffix, title in (("", "final value"), (" change", "change from the run's first evaluation (step 0)")):
+        lines = [f"**{title}**", "", "| variant | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+        for row in rows:
+            cells = [_cell(row[m + suffix], signed=bool(suffix)) for m in metrics]
+            lines.append(f"| {row['variant']} | {row['seeds']} | " + " | ".join(cells) + " |")
+        text += "\n".join(lines) + "\n\n"
+    (out / "results.md").write_text(text + "mean ± 95% CI over seeds (Student t).\n")
     _plot(finished, rows, metrics, variants, out)
+
+
+def _cell(value: tuple[float, float] | None, signed: bool) -> str:
+    return "–" if value is None else f"{value[0]:{'+' if signed else ''}.4f} ± {value[1]:.4f}"
 
 
 def _plot(finished: list[Run], rows: list[dict[str, Any]], metrics: list[str], variants: list[str], out: Path) -> None:

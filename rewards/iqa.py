@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -26,6 +27,10 @@ from editrl.registry import did_you_mean
 from editrl.types import RewardBatch, RewardOutput
 
 _DOWNLOAD = re.compile(r'Downloading: "([^"]+)"')
+
+
+class _NeedsDownload(Exception):
+    """Raised in place of a download during a dry run's check; args: (url, destination)."""
 
 
 class Iqa:
@@ -70,6 +75,46 @@ class Iqa:
         self.full_reference = self.metric.metric_mode == "FR"
         self.sign = -1.0 if self.metric.lower_better else 1.0
         self.needs = {"edited", "source"} if self.full_reference else {"edited"}
+
+    @classmethod
+    def preflight(cls, options: Options) -> list[str]:
+        """For dry runs: pyiqa is installed, the metric exists and its weights are on disk. The metric is built
+        with downloads refused, so a dry run never fetches anything."""
+        try:
+            import pyiqa
+            import pyiqa.utils.download_util as download
+        except ImportError:
+            return ["the iqa reward needs pyiqa: pip install 'editrl[iqa]'"]
+        from pyiqa.default_model_configs import DEFAULT_CONFIGS
+
+        if options.metric not in DEFAULT_CONFIGS:
+            return [f"unknown pyiqa metric {options.metric!r}{did_you_mean(options.metric, list(DEFAULT_CONFIGS))}"]
+        if options.weights is not None and not Path(options.weights).expanduser().is_file():
+            return [f"weights file {options.weights} of pyiqa metric {options.metric!r} does not exist"]
+
+        def refuse(url: str, dst: str, *args: Any, **kwargs: Any) -> None:
+            raise _NeedsDownload(url, dst)
+
+        kwargs = dict(options.metric_options)
+        if options.weights is not None:
+            kwargs["pretrained_model_path"] = str(Path(options.weights).expanduser())
+        import huggingface_hub.constants as hub
+
+        saved = download.download_url_to_file, torch.hub.download_url_to_file, hub.HF_HUB_OFFLINE
+        download.download_url_to_file = torch.hub.download_url_to_file = refuse
+        hub.HF_HUB_OFFLINE = True  # backbones fetched from the hub (timm) fail at once instead of retrying
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                pyiqa.create_metric(options.metric, device=torch.device("cpu"), **kwargs)
+        except _NeedsDownload as e:
+            url, dst = e.args
+            hint = " (or anywhere, with the reward option `weights: /path/to/it`)" if "pyiqa" in str(dst) else ""
+            return [f"pyiqa metric {options.metric!r} needs {url}, which is not at {dst}: download it there{hint}"]
+        except Exception as e:
+            return [f"pyiqa metric {options.metric!r} cannot be built: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"]
+        finally:
+            download.download_url_to_file, torch.hub.download_url_to_file, hub.HF_HUB_OFFLINE = saved
+        return []
 
     def _frames(self, video: torch.Tensor) -> torch.Tensor:
         """(B, T, C, H, W) -> (B, n, C, H, W), n evenly spaced frames."""

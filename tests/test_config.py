@@ -24,7 +24,10 @@ def test_bundled_recipes_validate():
 
     for name, path in bundled_recipes().items():
         is_sft = "sft" in (yaml.safe_load(path.read_text()) or {})
-        assert (load_sft_recipe(path) if is_sft else load_recipe(path)).policy.name, name
+        # Paths are not checked: the paper-scale recipe names weights this machine does not have (its
+        # --dry-run reports them); the structure, plugin names and options are.
+        loader = load_sft_recipe if is_sft else load_recipe
+        assert loader(path, check_paths=False).policy.name, name
 
 
 def test_overrides_apply_with_yaml_types():

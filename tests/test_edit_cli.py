@@ -46,8 +46,8 @@ def test_odd_frame_counts_and_sizes_are_conformed_with_a_note(checkpoint, tmp_pa
     out = tmp_path / "odd_out.mp4"
     result = edit("--checkpoint", checkpoint, "--video", src, "--instruction", "remove the ball", "--out", out, "--steps", 2)
     assert result.exit_code == 0, result.output
-    assert "note: 7 frames of 30x40 -> 5 frames of 32x48" in result.output
-    assert read_video(out).shape == (5, 3, 32, 48)
+    assert "note: 7 frames of 30x40 -> 5 frames of 32x40" in result.output
+    assert read_video(out).shape == (5, 3, 32, 40)
 
 
 def test_unreadable_inputs_are_one_line_errors(checkpoint, tmp_path):

@@ -23,7 +23,7 @@ from editrl.policy import LoraOptions, LoraPolicy, StrictModel
 from editrl.types import Condition, EditSample
 
 from .instructor import DEFAULT_SYSTEM_PROMPT, Family, Instructor, truncate
-from .loading import check, load
+from .loading import check, load, missing
 from .refiner import TokenRefiner, pad_tokens
 
 
@@ -106,6 +106,12 @@ class VivaPolicy(LoraPolicy):
         self.latents_std = torch.tensor(stats.latents_std, device=device).view(1, z, 1, 1, 1)
         self.frame_step = self.vae.config.scale_factor_temporal
         self.size_step = self.vae.config.scale_factor_spatial * self.denoiser.config.patch_size[1]
+
+    @classmethod
+    def preflight(cls, options: VivaOptions) -> list[str]:
+        """The weights this policy would load that are not here (dry runs); the tiny preset's parts are built locally."""
+        given = {k: getattr(options, k) for k in ("vlm", "dit", "vae") if getattr(options, k) is not None}
+        return [m for k, path in given.items() if (m := missing(k, path)) is not None]
 
     def _widen_patch_embedding(self, channels: int) -> None:
         """Concat fusion on a text-to-video DiT: new input channels start at zero (InstructPix2Pix's recipe)."""

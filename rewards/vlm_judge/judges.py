@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from editrl.rewards.vlm_judge.client import ClientOptions, JudgeClient, Messages, Request
+from editrl.rewards.vlm_judge.client import ClientOptions, JudgeClient, JudgeUnavailable, Messages, Request
 from editrl.rewards.vlm_judge.media import data_url, digest, image_array, sample_frames, tile
 from editrl.rewards.vlm_judge.scoring import read_score, score_tokens
 from editrl.types import RewardBatch, RewardOutput
@@ -92,6 +92,21 @@ class VlmJudge:
         self.client = JudgeClient(options, transport)
         if options.health_check:
             self.client.check()
+
+    @classmethod
+    def preflight(cls, options: JudgeOptions) -> list[str]:
+        """For dry runs: the prompt template loads, and every server in base_urls is up and serves the model."""
+        problems = []
+        try:
+            load_template(Path(options.prompt).expanduser() if options.prompt else PROMPTS / cls.prompt_file, cls.required)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(str(e))
+        for url in options.base_urls:
+            try:
+                JudgeClient(options.model_copy(update={"base_urls": [url]})).check()
+            except JudgeUnavailable as e:
+                problems.append(str(e))
+        return problems
 
     def params(self) -> dict[str, Any]:
         """Sampling parameters of every request: greedy, one score token, its log-probs."""
