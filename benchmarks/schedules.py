@@ -9,7 +9,7 @@ steps are cheaper, so it gets more of them); the held-out reward (eval split, OD
 every `--eval-every` steps. The target is the held-out reward the default schedule reaches at
 its end; the report is each schedule's training wall time (evaluation excluded) to first reach it.
 
-    .venv/bin/python benchmarks/schedules.py [--recipe quickstart] [--steps 30] [--seeds 0 1]
+    .venv/bin/python benchmarks/schedules.py [--recipe viva_quickstart] [--steps 30] [--seeds 0 1]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def time_to(points: list[tuple[float, float]], target: float) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recipe", default="quickstart")
+    parser.add_argument("--recipe", default="viva_quickstart")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--fast-steps", type=int, default=None, help="default: 3x --steps")
     parser.add_argument("--eval-every", type=int, default=5)

@@ -51,7 +51,7 @@ def test_paper_recipe_dry_run_lists_every_missing_piece_and_fails(tmp_path):
 
 
 def test_quickstart_dry_run_is_ready_and_policy_preflight_checks_local_weights(tmp_path):
-    result = cli("train", "quickstart", "--dry-run")
+    result = cli("train", "viva_quickstart", "--dry-run")
     assert result.exit_code == 0, result.output
     assert "ready" in result.output and "missing" not in result.output
 
@@ -81,7 +81,7 @@ def test_micro_reward_ablation_on_the_tiny_viva_preset(tmp_path):
     warm = ["train.steps=2", "train.eval_every=null", "train.save_every=2", "data.train.options.n=4", "data.eval.options.n=4"]
     spec = {
         "name": "micro_ablation",
-        "base": str(RECIPES / "quickstart.yaml"),
+        "base": str(RECIPES / "viva_quickstart.yaml"),
         "output_dir": str(tmp_path / "sweep"),
         "seeds": [0],
         "overrides": [
