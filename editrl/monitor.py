@@ -17,7 +17,7 @@ from editrl.types import EditSample
 
 console = Console(stderr=True)
 
-HEADLINE = ("reward/total/mean", "train/clip_frac", "train/approx_kl", "time/step")
+HEADLINE = ("reward/weighted/mean", "train/clip_frac", "train/approx_kl", "time/step")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -76,7 +76,7 @@ class RunLogger:
             task = bar.add_task("", total=total, completed=start)
 
             def update(step: int, metrics: dict[str, float]) -> None:
-                reward = metrics.get("reward/total/mean", float("nan"))
+                reward = metrics.get("reward/weighted/mean", float("nan"))
                 bar.update(task, completed=step, description=f"reward {reward:.4f}")
 
             yield update

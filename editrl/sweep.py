@@ -13,7 +13,8 @@ A sweep spec (YAML):
       no_fidelity: [rewards.terms.0.weight=0]
     grid:                            # ... and/or a grid, one variant per combination
       grpo.beta: [0.0, 0.01]
-    metrics: [eval/oracle_fidelity]  # what the table reports (default: every eval/* and reward/total/mean)
+    metrics: [eval/oracle_fidelity]  # what the table reports (default: every eval/* and reward/weighted/mean)
+    curves: [reward/fidelity/mean]   # per-step metrics plotted in reward_curves.png (default: reward/weighted/mean)
 
 Each run lives in `<output_dir>/<variant>/seed_<k>/`; a finished run has `done.json` and is never re-run,
 an interrupted one resumes from its checkpoint. The results are `results.md`, `results.csv`,
@@ -57,6 +58,8 @@ class SweepSpec(StrictModel):
     variants: dict[str, list[str]] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     metrics: list[str] | None = None
+    curves: list[str] = Field(default_factory=lambda: ["reward/weighted/mean"], min_length=1)
+    smooth: int = Field(10, ge=1)  # moving-average window (steps) of the curves: batches differ more than steps do
 
     @model_validator(mode="after")
     def _has_runs(self) -> "SweepSpec":
@@ -141,7 +144,7 @@ def run_sweep(spec_path: str | Path, parallel: int | None = None, overrides: lis
             console.log(f"{run.variant} seed {run.seed}: {status}  ({run.run_dir / 'train.log'})")
             if code:
                 failed.append(run)
-    write_results(runs, out, spec.metrics)
+    write_results(runs, out, spec)
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(runs)} runs failed; see their train.log; re-run the sweep to retry them")
     return out
@@ -179,15 +182,16 @@ def first_eval(run_dir: Path) -> dict[str, float]:
     return {}
 
 
-def write_results(runs: list[Run], out: Path, metrics: list[str] | None) -> None:
+def write_results(runs: list[Run], out: Path, spec: SweepSpec) -> None:
     finished = [r for r in runs if r.done]
+    metrics = spec.metrics
     if not finished:
         return
     finals = {(r.variant, r.seed): final_metrics(r.run_dir) for r in finished}
     firsts = {(r.variant, r.seed): first_eval(r.run_dir) for r in finished}
     if metrics is None:
         keys = sorted({k for f in finals.values() for k in f if k.startswith("eval/")})
-        metrics = keys + ["reward/total/mean"]
+        metrics = keys + ["reward/weighted/mean"]
     variants = list(dict.fromkeys(r.variant for r in runs))
     rows = []
     for v in variants:
@@ -217,48 +221,72 @@ def write_results(runs: list[Run], out: Path, metrics: list[str] | None) -> None
             lines.append(f"| {row['variant']} | {row['seeds']} | " + " | ".join(cells) + " |")
         text += "\n".join(lines) + "\n\n"
     (out / "results.md").write_text(text + "mean ± 95% CI over seeds (Student t).\n")
-    _plot(finished, rows, metrics, variants, out)
+    _plot(finished, rows, metrics, variants, out, spec)
 
 
 def _cell(value: tuple[float, float] | None, signed: bool) -> str:
     return "–" if value is None else f"{value[0]:{'+' if signed else ''}.4f} ± {value[1]:.4f}"
 
 
-def _plot(finished: list[Run], rows: list[dict[str, Any]], metrics: list[str], variants: list[str], out: Path) -> None:
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to `window` values (shorter at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _plot(finished: list[Run], rows: list[dict[str, Any]], metrics: list[str], variants: list[str], out: Path,
+          spec: SweepSpec) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for v in variants:
-        curves = [[r["reward/total/mean"] for r in read_metrics(run.run_dir / "metrics.jsonl") if r.get("reward/total/mean") is not None]
-                  for run in finished if run.variant == v]
-        curves = [c for c in curves if c]
-        if not curves:
-            continue
-        n = min(len(c) for c in curves)
-        mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
-        lo = [min(c[i] for c in curves) for i in range(n)]
-        hi = [max(c[i] for c in curves) for i in range(n)]
-        steps = list(range(1, n + 1))
-        ax.plot(steps, mean, label=v)
-        ax.fill_between(steps, lo, hi, alpha=0.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training reward (mean over seeds; band: min-max)")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(spec.curves), figsize=(5.5 * len(spec.curves), 4), squeeze=False)
+    for ax, key in zip(axes[0], spec.curves):
+        for v in variants:
+            curves = [moving_average([r[key] for r in read_metrics(run.run_dir / "metrics.jsonl") if r.get(key) is not None],
+                                     spec.smooth) for run in finished if run.variant == v]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
+            lo = [min(c[i] for c in curves) for i in range(n)]
+            hi = [max(c[i] for c in curves) for i in range(n)]
+            steps = list(range(1, n + 1))
+            ax.plot(steps, mean, label=v)
+            ax.fill_between(steps, lo, hi, alpha=0.2)
+        ax.set_xlabel("step")
+        ax.set_title(f"{key} ({spec.smooth}-step mean)", fontsize=9)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("training reward: mean over seeds, band min-max")
     fig.tight_layout()
     fig.savefig(out / "reward_curves.png", dpi=120)
     plt.close(fig)
 
+    # Top: the final held-out values (points: bars from zero would hide differences of a few percent).
+    # Bottom: what training changed, each run against its own step-0 evaluation.
     shown = [m for m in metrics if any(row[m] for row in rows)]
-    fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(3.2 * max(1, len(shown)), 3.6), squeeze=False)
-    for ax, m in zip(axes[0], shown):
-        means = [row[m][0] if row[m] else 0.0 for row in rows]
-        cis = [row[m][1] if row[m] else 0.0 for row in rows]
-        ax.bar(range(len(rows)), means, yerr=cis, capsize=3, color=[f"C{i}" for i in range(len(rows))])
-        ax.set_xticks(range(len(rows)), [row["variant"] for row in rows], rotation=45, ha="right", fontsize=7)
-        ax.set_title(m, fontsize=8)
+    cols = max(1, len(shown))
+    fig, axes = plt.subplots(2, cols, figsize=(2.8 * cols, 6), squeeze=False)
+    x = list(range(len(rows)))
+    colors = [f"C{i}" for i in x]
+    labels = [row["variant"] for row in rows]
+    for j, m in enumerate(shown):
+        for i, row in enumerate(rows):
+            if row[m]:
+                axes[0][j].errorbar(i, row[m][0], yerr=row[m][1], fmt="o", color=colors[i], capsize=3)
+        axes[0][j].set_title(m, fontsize=8)
+        change = [row[f"{m} change"] or (0.0, 0.0) for row in rows]
+        axes[1][j].bar(x, [c[0] for c in change], yerr=[c[1] for c in change], capsize=3, color=colors)
+        axes[1][j].axhline(0, color="black", linewidth=0.8)
+        axes[1][j].set_title("change from step 0", fontsize=8)
+        for ax in (axes[0][j], axes[1][j]):
+            ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
+            ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     fig.savefig(out / "final_metrics.png", dpi=120)
     plt.close(fig)

@@ -390,7 +390,11 @@ class Trainer:
             metrics[f"time/{name}"] = seconds
         metrics["time/step"] = time.perf_counter() - t0
         self._last_rollouts = ro
-        return self.backend.mean(metrics)
+        out = self.backend.mean(metrics)
+        # The recipe's weighted reward in its own units (eval/total's training twin), from the rank-reduced term means:
+        # under normalize_then_sum the aggregated total is centred in every group, so it cannot show progress.
+        out["reward/weighted/mean"] = sum(w * out[f"reward/{n}/mean"] for n, w in self.recipe.rewards.weights().items())
+        return out
 
     def evaluate(self) -> dict[str, float]:
         """Deterministic (ODE) edits of the eval split, scored by the recipe's rewards and, where the split has

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from editrl.config import RecipeError
-from editrl.sweep import expand, load_spec, mean_ci, run_sweep
+from editrl.sweep import expand, load_spec, mean_ci, moving_average, run_sweep
 
 
 def _spec(tmp_path, **extra):
@@ -29,6 +29,11 @@ def test_mean_ci():
     assert mean_ci([1.0]) == (1.0, 0.0)
     m, h = mean_ci([1.0, 2.0, 3.0])
     assert m == 2.0 and h == pytest.approx(4.303 * 1.0 / 3**0.5)
+
+
+def test_moving_average_is_trailing_and_shorter_at_the_start():
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert moving_average([2.0, 4.0], 10) == [2.0, 3.0]
 
 
 def test_grid_expansion_and_early_validation(tmp_path):

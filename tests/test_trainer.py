@@ -181,3 +181,12 @@ def test_ema_tracks_the_weights_and_serves_evaluation(toy_overrides):
     trainer.save()
     resumed = Trainer(recipe, resume=True)
     assert all(torch.equal(a, b) for a, b in zip(shadow, resumed.ema.shadow_params))
+
+
+def test_weighted_reward_is_in_the_terms_units_when_the_total_is_centred(toy_overrides):
+    """Under normalize_then_sum the aggregated total is ~0 in every group; reward/weighted/mean still shows progress."""
+    terms = 'rewards.terms=[{name: brightness, weight: 2.0}, {name: "test_trainer:constant", label: one, weight: 0.5}]'
+    run = train(load_recipe("toy", toy_overrides + [terms, "rewards.aggregation=normalize_then_sum", "train.steps=2"]))
+    for row in read_metrics(run / "metrics.jsonl"):
+        assert abs(row["reward/total/mean"]) < 1e-5
+        assert row["reward/weighted/mean"] == pytest.approx(2.0 * row["reward/brightness/mean"] + 0.5 * 1.0)
