@@ -268,19 +268,13 @@ class DeepSpeedBackend(LocalBackend):
     def prepare(self, policy: Any) -> None:
         import deepspeed
 
-        self.params = list(policy.trainable_parameters())
-        if not self.params:
-            raise ValueError("the policy has no trainable parameters (set optim.lora, or train the policy's own modules)")
+        super().prepare(policy)  # the AdamW and warm-up schedule one process uses; ZeRO steps it on its flat shards
         self.module = _Trained(list(policy.modules_for_training()))
         owned = {id(p) for p in self.module.parameters()}
         if any(id(p) not in owned for p in self.params):
             raise ValueError("a trainable parameter is outside policy.modules_for_training(): DeepSpeed cannot shard or reduce it")
-        c = self.cfg
-        optimizer = torch.optim.AdamW(self.params, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
         # Both ZeRO stages broadcast rank 0's weights here, so a LoRA initialised per rank starts identical.
-        self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=self.ds_config)
-        self.optimizer = optimizer  # ZeRO steps this AdamW on its flat shards; the schedule sets its lr
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(c.warmup_steps))
+        self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=self.optimizer, config=self.ds_config)
 
     def forward(self, fn: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor:
         return self.engine(fn, *args, **kwargs)

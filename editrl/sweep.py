@@ -165,17 +165,17 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return mean, t * sd / math.sqrt(n)
 
 
-def final_metrics(run_dir: Path) -> dict[str, float]:
+def final_metrics(log: list[dict[str, Any]]) -> dict[str, float]:
     """The last logged value of every metric of a run (eval metrics come from the last row that has them)."""
     out: dict[str, float] = {}
-    for row in read_metrics(run_dir / "metrics.jsonl"):
+    for row in log:
         out.update({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
     return out
 
 
-def first_eval(run_dir: Path) -> dict[str, float]:
+def first_eval(log: list[dict[str, Any]]) -> dict[str, float]:
     """The eval metrics of a run's first evaluation (step 0: the starting checkpoint), {} if it has none."""
-    for row in read_metrics(run_dir / "metrics.jsonl"):
+    for row in log:
         evals = {k: v for k, v in row.items() if k.startswith("eval/") and isinstance(v, (int, float))}
         if evals:
             return evals
@@ -184,25 +184,24 @@ def first_eval(run_dir: Path) -> dict[str, float]:
 
 def write_results(runs: list[Run], out: Path, spec: SweepSpec) -> None:
     finished = [r for r in runs if r.done]
-    metrics = spec.metrics
     if not finished:
         return
-    finals = {(r.variant, r.seed): final_metrics(r.run_dir) for r in finished}
-    firsts = {(r.variant, r.seed): first_eval(r.run_dir) for r in finished}
-    if metrics is None:
-        keys = sorted({k for f in finals.values() for k in f if k.startswith("eval/")})
-        metrics = keys + ["reward/weighted/mean"]
     variants = list(dict.fromkeys(r.variant for r in runs))
+    logs = {v: [read_metrics(r.run_dir / "metrics.jsonl") for r in finished if r.variant == v] for v in variants}
+    finals = {v: [final_metrics(log) for log in logs[v]] for v in variants}
+    firsts = {v: [first_eval(log) for log in logs[v]] for v in variants}
+    metrics = spec.metrics
+    if metrics is None:
+        keys = sorted({k for fs in finals.values() for f in fs for k in f if k.startswith("eval/")})
+        metrics = keys + ["reward/weighted/mean"]
     rows = []
     for v in variants:
-        mine = [finals[(r.variant, r.seed)] for r in finished if r.variant == v]
-        row: dict[str, Any] = {"variant": v, "seeds": len(mine)}
+        row: dict[str, Any] = {"variant": v, "seeds": len(finals[v])}
         for m in metrics:
-            values = [f[m] for f in mine if m in f]
+            values = [f[m] for f in finals[v] if m in f]
             row[m] = mean_ci(values) if values else None
             # Per run, the final value minus its own step-0 evaluation: what training changed.
-            deltas = [finals[(r.variant, r.seed)][m] - firsts[(r.variant, r.seed)][m] for r in finished
-                      if r.variant == v and m in finals[(r.variant, r.seed)] and m in firsts[(r.variant, r.seed)]]
+            deltas = [f[m] - first[m] for f, first in zip(finals[v], firsts[v]) if m in f and m in first]
             row[f"{m} change"] = mean_ci(deltas) if deltas else None
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
@@ -221,7 +220,7 @@ def write_results(runs: list[Run], out: Path, spec: SweepSpec) -> None:
             lines.append(f"| {row['variant']} | {row['seeds']} | " + " | ".join(cells) + " |")
         text += "\n".join(lines) + "\n\n"
     (out / "results.md").write_text(text + "mean ± 95% CI over seeds (Student t).\n")
-    _plot(finished, rows, metrics, variants, out, spec)
+    _plot(logs, rows, metrics, out, spec)
 
 
 def _cell(value: tuple[float, float] | None, signed: bool) -> str:
@@ -237,7 +236,7 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def _plot(finished: list[Run], rows: list[dict[str, Any]], metrics: list[str], variants: list[str], out: Path,
+def _plot(logs: dict[str, list[list[dict[str, Any]]]], rows: list[dict[str, Any]], metrics: list[str], out: Path,
           spec: SweepSpec) -> None:
     import matplotlib
 
@@ -246,9 +245,8 @@ def _plot(finished: list[Run], rows: list[dict[str, Any]], metrics: list[str], v
 
     fig, axes = plt.subplots(1, len(spec.curves), figsize=(5.5 * len(spec.curves), 4), squeeze=False)
     for ax, key in zip(axes[0], spec.curves):
-        for v in variants:
-            curves = [moving_average([r[key] for r in read_metrics(run.run_dir / "metrics.jsonl") if r.get(key) is not None],
-                                     spec.smooth) for run in finished if run.variant == v]
+        for v, runs in logs.items():
+            curves = [moving_average([r[key] for r in log if r.get(key) is not None], spec.smooth) for log in runs]
             curves = [c for c in curves if c]
             if not curves:
                 continue

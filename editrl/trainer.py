@@ -393,7 +393,7 @@ class Trainer:
         out = self.backend.mean(metrics)
         # The recipe's weighted reward in its own units (eval/total's training twin), from the rank-reduced term means:
         # under normalize_then_sum the aggregated total is centred in every group, so it cannot show progress.
-        out["reward/weighted/mean"] = sum(w * out[f"reward/{n}/mean"] for n, w in self.recipe.rewards.weights().items())
+        out["reward/weighted/mean"] = sum(w * out[f"reward/{n}/mean"] for n, w in self.rewards.weights.items())
         return out
 
     def evaluate(self) -> dict[str, float]:

@@ -1,6 +1,5 @@
 """The bundled VIVA GRPO recipe end to end on CPU: one VLM call per request, training, checkpoint, reload."""
 
-import pytest
 import torch
 
 from editrl.checkpoint import find_checkpoint, load_policy

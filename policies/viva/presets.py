@@ -59,7 +59,7 @@ TINY_DIT = dict(
 )
 # 4x spatial (not Wan's 8x): a 32x32 video keeps an 8x8 latent, enough to place the objects an edit adds or removes.
 # Wan 2.2's residual (average-pool / duplicate) shortcuts: without them the pre-fit below ended at the mean-colour
-# plateau (held-out 15.05 dB against 15.23 dB for each frame's mean colour); with them, 17.6 dB in the same time.
+# plateau (held-out 15.05 dB against 15.23 dB for each frame's mean colour); with them and lr 3e-3, 17.3 dB in 400 steps.
 TINY_VAE = dict(
     base_dim=16, z_dim=16, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[True, True], scale_factor_spatial=4,
     is_residual=True,
