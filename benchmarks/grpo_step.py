@@ -18,7 +18,7 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.table import Table
 
-from editrl.config import load_recipe
+from editrl.preflight import load_recipe
 from editrl.trainer import Trainer
 
 SIZES = {

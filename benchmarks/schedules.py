@@ -22,7 +22,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from editrl.config import load_recipe
+from editrl.preflight import load_recipe
 from editrl.monitor import read_metrics
 from editrl.trainer import train
 

@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from editrl.config import load_recipe
+from editrl.preflight import load_recipe
 from editrl.trainer import Trainer
 
 

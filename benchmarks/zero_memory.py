@@ -62,7 +62,7 @@ def rollout_gathers(trainer: Any, gathered: bool) -> dict[str, float]:
     from deepspeed.comm import comm
 
     from editrl.distributed import all_gather_traffic
-    from editrl.trainer import Timer
+    from editrl.harness import Timer
 
     def rollouts() -> None:
         if gathered:
@@ -80,7 +80,7 @@ def rollout_gathers(trainer: Any, gathered: bool) -> dict[str, float]:
 
 
 def worker(spec_path: str) -> None:
-    from editrl.config import load_recipe
+    from editrl.preflight import load_recipe
     from editrl.trainer import Trainer
 
     spec = json.loads(Path(spec_path).read_text())
@@ -113,7 +113,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from editrl.distributed import free_port
+    from editrl.base import free_port
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=3, help="timed steps per stage (after one warm-up step)")

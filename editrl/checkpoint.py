@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from editrl.config import Recipe, dump_recipe, load_recipe
+from editrl.config import Recipe, dump_recipe
 
 LATEST = "latest"
 
@@ -96,14 +97,31 @@ def load_training_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return state, info
 
 
-def load_policy(path: str | Path, device: str = "cpu") -> tuple[Any, Recipe]:
-    """Rebuild a trained policy for inference from a checkpoint (or run) directory."""
+def policy_from_recipe(recipe: Recipe, device: str | None = None, init_from: bool = True) -> Any:
+    """The one way a policy is built from a recipe: the registered policy, its LoRA (if any), and the
+    `policy.init_from` checkpoint's trainable weights unless `init_from=False` (the caller loads them later)."""
     from editrl.policy import build_policy
 
-    ckpt = find_checkpoint(path)
-    recipe = load_recipe(ckpt / "recipe.yaml", check_paths=False)
-    policy = build_policy(recipe.policy.name, recipe.policy.options, device=device, dtype=getattr(torch, recipe.run.dtype))
+    policy = build_policy(
+        recipe.policy.name, recipe.policy.options, device=device or recipe.run.device, dtype=getattr(torch, recipe.run.dtype)
+    )
     if recipe.optim.lora is not None:
         policy.add_lora(recipe.optim.lora)
+    if init_from and recipe.policy.init_from:
+        policy.load_trainable(find_checkpoint(recipe.policy.init_from))
+    return policy
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[Any, Recipe]:
+    """(policy, recipe) of a GRPO or SFT checkpoint (or a run directory: its latest), rebuilt for inference."""
+    from editrl.config import SftRecipe
+    from editrl.preflight import load_recipe
+
+    ckpt = find_checkpoint(path)
+    tree = yaml.safe_load((ckpt / "recipe.yaml").read_text()) or {}
+    model = SftRecipe if isinstance(tree, dict) and "sft" in tree else Recipe
+    recipe = load_recipe(tree, check_paths=False, model=model)
+    recipe.policy.init_from = None  # the checkpoint holds everything that was loaded from it
+    policy = policy_from_recipe(recipe, device=device)
     policy.load_trainable(ckpt)
     return policy, recipe

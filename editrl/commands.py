@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -16,12 +17,9 @@ DEFAULT_RECIPE = "quickstart"
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story for a user: printed as one line, never as a traceback."""
-    from editrl.config import RecipeError
-    from editrl.data.video import MediaError
-    from editrl.registry import RegistryError
-    from editrl.trainer import TrainingError
+    from editrl.base import EditrlError
 
-    return (RecipeError, RegistryError, TrainingError, MediaError, FileNotFoundError)
+    return (EditrlError, FileNotFoundError)
 
 
 def run_cli(fn: Callable[[], Any]) -> Any:
@@ -41,13 +39,30 @@ def train(
     overrides: Optional[list[str]] = typer.Argument(None, help="section.field=value overrides, e.g. train.steps=5"),
     resume: bool = typer.Option(False, "--resume", help="continue from the run directory's latest checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="start over in a run directory that has checkpoints"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="validate and resolve the recipe, build nothing"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate and resolve the recipe, list what is missing, build nothing"),
 ) -> None:
-    """Train a policy with Edit-GRPO as the recipe says."""
-    from editrl.config import derive_layout, load_recipe
+    """Train a policy with Edit-GRPO as the recipe says (default: the CPU quickstart).
+
+    The job announces its phases: the tiny preset, the synthetic data, the SFT warm start (policy.warm_start),
+    Edit-GRPO and its held-out evaluations; a phase whose result is cached says so and is skipped. The console
+    shows progress and a few numbers; every metric goes to RUN/metrics.jsonl and TensorBoard, third-party
+    messages to RUN/libraries.log. The run ends with where everything is and the commands to try next.
+
+    Examples:
+      editrl train
+      editrl train train.steps=20 run.output_dir=runs/short    (the quickstart, shorter)
+      editrl train quickstart --resume
+      editrl train viva_grpo --dry-run
+    """
+    from editrl.config import derive_layout
+    from editrl.preflight import load_recipe
 
     def go() -> None:
-        rec = load_recipe(recipe, overrides or [], check_paths=not dry_run)  # a dry run lists missing paths below
+        started = time.perf_counter()
+        name, changes = recipe, overrides or []
+        if "=" in name and not Path(name).exists():  # `editrl train train.steps=5`: overrides of the default recipe
+            name, changes = DEFAULT_RECIPE, [name, *changes]
+        rec = load_recipe(name, changes, check_paths=not dry_run)  # a dry run lists missing paths below
         if dry_run:
             layout = derive_layout(rec)
             console.print(f"[green]recipe ok[/green]: {rec.run.name} -> {rec.output_dir}")
@@ -62,12 +77,32 @@ def train(
                 raise typer.Exit(2)
             console.print("[green]ready[/green]: every weight and server the recipe names is here")
             return
+        from editrl import monitor
+        from editrl.distributed import launch_env
+        from editrl.summary import print_run_summary
         from editrl.trainer import train as run_training
 
-        run_dir = run_training(rec, resume=resume, overwrite=overwrite)
-        console.print(f"[green]done[/green]: {run_dir}")
+        rank = launch_env()[0]
+        log = rec.output_dir / (monitor.LIBRARY_LOG if rank == 0 else f"libraries.rank{rank}.log")
+        with monitor.library_log(log), monitor.job(job_phases(rec, resume), shown=rank == 0):
+            run_dir = run_training(rec, resume=resume, overwrite=overwrite)
+        if rank == 0:
+            print_run_summary(run_dir, rec, time.perf_counter() - started, monitor.console)
 
     run_cli(go)
+
+
+def job_phases(rec: Any, resume: bool) -> list[str]:
+    """The phases (`editrl.monitor.PHASES`) that `editrl train` goes through for this recipe, in order."""
+    keys = ["preset"] if rec.policy.options.get("preset") else []
+    if any(d is not None and d.kind == "synthetic" for d in (rec.data.train, rec.data.eval)):
+        keys.append("data")
+    if rec.policy.warm_start and rec.policy.init_from and not resume:
+        keys.append("sft")
+    keys.append("grpo")
+    if rec.data.eval is not None and rec.train.eval_every is not None:
+        keys.append("eval")
+    return keys
 
 
 def sweep(
@@ -75,7 +110,14 @@ def sweep(
     overrides: Optional[list[str]] = typer.Argument(None, help="section.field=value overrides for every run"),
     parallel: Optional[int] = typer.Option(None, "--parallel", "-j", help="runs at a time (default: the spec's)"),
 ) -> None:
-    """Run a sweep resumably and write its results table and plots."""
+    """Run a sweep (a base recipe x variants x seeds) resumably, then write its results table and plots.
+
+    Each run is an `editrl train` process in OUTPUT_DIR/VARIANT/seed_K, its console in train.log there; running
+    the sweep again skips finished runs and resumes interrupted ones.
+
+    Example:
+      editrl sweep recipes/sweeps/reward_ablation.yaml -j 2
+    """
     from editrl.sweep import run_sweep
 
     def go() -> None:
@@ -87,7 +129,7 @@ def sweep(
 
 
 def recipes() -> None:
-    """List the bundled recipes."""
+    """List the bundled recipes (a name works wherever a recipe file does)."""
     from editrl.config import bundled_recipes
 
     table = Table("name", "path", "description")
@@ -98,7 +140,7 @@ def recipes() -> None:
 
 
 def rewards() -> None:
-    """List registered rewards and their options."""
+    """List the registered rewards: what each reads, its options, what it scores."""
     from editrl.registry import REWARDS
 
     table = Table("name", "needs", "options", "about")

@@ -10,14 +10,17 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, model_validator
 
-from editrl.policy import LoraOptions, StrictModel
-from editrl.registry import DATASETS, POLICIES, REWARDS, RegistryError, did_you_mean
+from editrl.base import RecipeError, StrictModel
+from editrl.registry import did_you_mean
 
 
-class RecipeError(ValueError):
-    """A recipe problem, worded for the user (one line, key path first)."""
+class LoraOptions(StrictModel):
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | None = None  # None: the policy's own default targets
 
 
 class RunConfig(StrictModel):
@@ -92,15 +95,6 @@ class SamplingConfig(StrictModel):
     guidance_scale: float = 1.0  # >1 turns on classifier-free guidance where the policy supports it
     eval_steps: int | None = None  # ODE steps for evaluation/inference; None = steps
 
-    @field_validator("sde")
-    @classmethod
-    def _known_kind(cls, v: str) -> str:
-        from editrl.sde import SDE_KINDS
-
-        if v not in SDE_KINDS.names():
-            raise ValueError(f"unknown sde kind {v!r}{did_you_mean(v, SDE_KINDS.names())}; known: {', '.join(SDE_KINDS.names())}")
-        return v
-
 
 class GrpoConfig(StrictModel):
     group_size: int = Field(4, ge=2)
@@ -116,15 +110,6 @@ class GrpoConfig(StrictModel):
     async_rewards: bool = True
     share_encode: bool = True  # encode each request once for its group (False: once per sample, as flow_grpo)
     loss: str = "ppo_clip"
-
-    @field_validator("loss")
-    @classmethod
-    def _known_loss(cls, v: str) -> str:
-        from editrl.grpo import LOSSES
-
-        if v not in LOSSES.names():
-            raise ValueError(f"unknown loss {v!r}{did_you_mean(v, LOSSES.names())}; known: {', '.join(LOSSES.names())}")
-        return v
 
 
 class EmaConfig(StrictModel):
@@ -176,6 +161,21 @@ class Recipe(StrictModel):
     @property
     def output_dir(self) -> Path:
         return Path(self.run.output_dir.replace("${run.name}", self.run.name))
+
+
+class SftConfig(StrictModel):
+    batch_size: int = Field(4, ge=1)  # pairs per optimiser update
+    timesteps: Literal["logit_normal", "uniform"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    eval_samples: int = Field(8, ge=1)  # eval pairs scored with fixed noise every train.eval_every steps
+
+
+class SftRecipe(Recipe):
+    """A recipe with an `sft` section; rewards are optional (nothing is scored)."""
+
+    sft: SftConfig = Field(default_factory=SftConfig)
+    needs_rewards = False
 
 
 class Layout(StrictModel):
@@ -323,15 +323,14 @@ def validate_model(model: type[StrictModel], data: Any, prefix: str = "") -> Any
         raise RecipeError("; ".join(prefix + line for line in lines)) from None
 
 
-def load_recipe(
+def parse_recipe(
     source: str | Path | dict[str, Any],
     overrides: list[str] | tuple[str, ...] = (),
-    check_paths: bool = True,
     model: type[Recipe] = Recipe,
 ) -> Recipe:
-    """Read, override, validate and cross-check a recipe. Raises RecipeError with a one-line message.
+    """Read, override and validate a recipe's schema and layout; RecipeError with a one-line message.
 
-    `check_paths=False` skips data and init paths (a checkpoint's recipe, read back only to rebuild the policy).
+    Plugins (names, their options) and paths are checked one layer up, by `editrl.preflight.load_recipe`.
     """
     if isinstance(source, dict):
         tree = source
@@ -346,60 +345,8 @@ def load_recipe(
     for item in overrides:
         apply_override(tree, *parse_override(item))
     recipe = validate_model(model, tree)
-    check_plugins(recipe, check_paths)
     derive_layout(recipe)
     return recipe
-
-
-def check_plugins(recipe: Recipe, check_paths: bool = True) -> None:
-    """Plugin names exist and their options validate — still before any model is built."""
-    from editrl.reward import reward_options_model
-
-    def lookup(registry: Any, name: str, where: str) -> Any:
-        try:
-            return registry.get(name)
-        except RegistryError as e:
-            raise RecipeError(f"{where}: {e}") from None
-
-    policy_cls = lookup(POLICIES, recipe.policy.name, "policy.name")
-    if getattr(policy_cls, "Options", None) is not None:
-        validate_model(policy_cls.Options, recipe.policy.options, "policy.options.")
-    pc = recipe.policy
-    if pc.warm_start is not None:
-        if pc.init_from is None:
-            raise RecipeError("policy.warm_start: set policy.init_from to the directory the warm start writes")
-        from editrl.sft import load_sft_recipe
-
-        try:
-            load_sft_recipe(pc.warm_start, pc.warm_start_overrides, check_paths=check_paths)
-        except RecipeError as e:
-            raise RecipeError(f"policy.warm_start ({pc.warm_start}): {e}") from None
-    elif check_paths and pc.init_from is not None and not Path(pc.init_from).exists():
-        raise RecipeError(f"policy.init_from: {pc.init_from} does not exist")
-    for split in ("train", "eval"):
-        src = getattr(recipe.data, split)
-        if src is None:
-            continue
-        cls = lookup(DATASETS, src.kind, f"data.{split}.kind")
-        if getattr(cls, "Options", None) is not None:
-            opts = validate_model(cls.Options, src.options, f"data.{split}.options.")
-            check = getattr(opts, "check", None)
-            if check is not None and check_paths:
-                try:
-                    check()
-                except (ValueError, FileNotFoundError) as e:
-                    raise RecipeError(f"data.{split}.options: {e}") from None
-    if recipe.needs_rewards and not recipe.rewards.terms:
-        raise RecipeError("rewards: at least one reward is needed (see `editrl rewards` for the list)")
-    keys = [t.key for t in recipe.rewards.terms]
-    dup = next((k for k in keys if keys.count(k) > 1), None)
-    if dup:
-        raise RecipeError(f"rewards: {dup!r} appears twice; give one of them a `label`")
-    for i, term in enumerate(recipe.rewards.terms):
-        lookup(REWARDS, term.name, f"rewards.terms.{i}.name")
-        opts = reward_options_model(term.name)
-        if opts is not None:
-            validate_model(opts, term.options, f"rewards.terms.{i}.options.")
 
 
 def resolve_recipe_path(source: str | Path) -> Path:

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -22,7 +21,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from editrl.config import OptimConfig, RecipeError
+from editrl.base import RecipeError, free_port
+from editrl.config import OptimConfig
 
 ZERO_DIR = "zero"  # <run>/checkpoints/zero/<step tag>/: DeepSpeed's own per-rank optimiser shards
 
@@ -59,13 +59,6 @@ def launch_env() -> tuple[int, int, int]:
             f"RANK={env.get('RANK')!r}, WORLD_SIZE={env.get('WORLD_SIZE')!r}, LOCAL_RANK={env.get('LOCAL_RANK')!r}: "
             "the launcher's rank variables must be integers"
         ) from None
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (for a single-process DeepSpeed run, and for tests)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class LocalBackend:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from editrl import metrics
 from editrl.data.base import EditDataset
-from editrl.types import EditSample, RewardBatch
+from editrl.types import EditSample
 
 EditFn = Callable[[list[EditSample]], Tensor]
 
@@ -99,22 +99,24 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> No
 
 
 def oracle_scores(edited: Tensor, samples: list[EditSample]) -> dict[str, Tensor]:
-    """The oracle columns for a batch of same-shaped samples, (B,) each, NaN where a row has no target."""
-    b = len(samples)
-    nan = torch.full((b,), math.nan)
+    """The oracle columns for a batch of same-shaped samples, (B,) each, NaN where a row has no target.
+
+    Computed on `edited`'s device; the samples' ground truth is moved there."""
+    b, device = len(samples), edited.device
+    nan = torch.full((b,), math.nan, device=device)
     out = {col: nan.clone() for col in ORACLE_COLUMNS}
     out["smoothness"] = metrics.temporal_consistency(edited)
     have = [i for i, s in enumerate(samples) if s.target is not None]
     if not have:
         return out
-    idx = torch.tensor(have)
+    idx = torch.tensor(have, device=device)
     sub = edited[idx]
-    source = torch.stack([samples[i].source for i in have])  # type: ignore[misc]
-    target = torch.stack([samples[i].target for i in have])  # type: ignore[misc]
+    source = torch.stack([samples[i].source for i in have]).to(device)  # type: ignore[misc]
+    target = torch.stack([samples[i].target for i in have]).to(device)  # type: ignore[misc]
     full = torch.ones(sub.shape[1], 1, *sub.shape[3:], dtype=torch.bool)
-    mask = torch.stack([samples[i].mask if samples[i].mask is not None else full for i in have])  # type: ignore[misc]
-    fid = metrics.fidelity(sub, target, mask)
-    pres = metrics.preservation(sub, source, mask)
+    mask = torch.stack([samples[i].mask if samples[i].mask is not None else full for i in have]).to(device)  # type: ignore[misc]
+    fid = metrics.fidelity(sub, target, mask, metrics=("psnr", "ssim"))
+    pres = metrics.preservation(sub, source, mask, metrics=("psnr", "ssim"))
     for name, values in (
         ("fidelity_psnr", fid["psnr"]),
         ("fidelity_ssim", fid["ssim"]),
@@ -122,39 +124,29 @@ def oracle_scores(edited: Tensor, samples: list[EditSample]) -> dict[str, Tensor
         ("preservation_ssim", pres["ssim"]),
         ("temporal", metrics.temporal_consistency(sub, reference=target)),
     ):
-        out[name][idx] = values
+        out[name][idx] = values.to(out[name].dtype)
     return out
 
 
 def _reward_scores(rewards: Any, edited: Tensor, samples: list[EditSample]) -> dict[str, Tensor]:
     """Each reward's scores (B,), NaN where the reward gave no valid score."""
+    from editrl.reward import ALL_NEEDS, reward_batch
 
-    def stack(attr: str) -> Tensor | None:
-        values = [getattr(s, attr) for s in samples]
-        return torch.stack(values) if all(v is not None for v in values) else None
-
-    batch = RewardBatch(
-        instructions=[s.instruction for s in samples],
-        edited=edited,
-        sources=stack("source"),
-        targets=stack("target"),
-        references=[s.reference for s in samples],
-        masks=[s.mask for s in samples],
-        categories=[s.category for s in samples],
-        ids=[s.id for s in samples],
-    )
-    outs = rewards.score(batch)
+    outs = rewards.score(reward_batch(samples, edited, getattr(rewards, "needs", ALL_NEEDS)))
     return {name: torch.where(o.valid, o.scores, torch.full_like(o.scores, math.nan)) for name, o in outs.items()}
 
 
 def _batches(dataset: EditDataset, indices: list[int], batch_size: int) -> Iterator[list[EditSample]]:
-    """Consecutive samples of one shape, at most `batch_size` at a time (a policy batch needs one shape)."""
+    """Consecutive samples of one source shape, at most `batch_size` at a time (a policy batch needs one shape).
+    Samples without a source (prompts for a text-to-video policy) batch together."""
+
+    def shape(s: EditSample) -> tuple[int, ...] | None:
+        return None if s.source is None else tuple(s.source.shape)
+
     batch: list[EditSample] = []
     for i in indices:
         sample = dataset[i]
-        if sample.source is None:
-            raise ValueError(f"sample {sample.id!r} has no source video to edit")
-        if batch and (len(batch) == batch_size or sample.source.shape != batch[0].source.shape):  # type: ignore[union-attr]
+        if batch and (len(batch) == batch_size or shape(sample) != shape(batch[0])):
             yield batch
             batch = []
         batch.append(sample)
@@ -189,8 +181,8 @@ def evaluate(
     with Progress(disable=not progress, transient=True) as bar, torch.no_grad():
         task = bar.add_task("evaluating", total=len(indices))
         for batch in _batches(dataset, indices, batch_size):
-            edited = edit_fn(batch).detach().float().cpu()
-            expected = (len(batch), *batch[0].source.shape)  # type: ignore[union-attr]
+            edited = edit_fn(batch).detach().float()  # scored where the editor made it (the policy's device)
+            expected = (len(batch), *batch[0].source.shape) if batch[0].source is not None else tuple(edited.shape)
             if tuple(edited.shape) != expected:
                 raise ValueError(
                     f"the editor returned {tuple(edited.shape)} for {len(batch)} samples of {tuple(expected[1:])} "
@@ -203,7 +195,7 @@ def evaluate(
                 cat = s.category or UNCATEGORISED
                 rows.append({"id": s.id, "category": cat, **{c: float(scores[c][i]) for c in columns}})
                 if len(shown.setdefault(cat, [])) < grid_per_category:
-                    shown[cat].append((s, edited[i]))
+                    shown[cat].append((s, edited[i].cpu()))
             bar.advance(task, len(batch))
     report = EvalReport(rows, columns)
     if out_dir is not None:
@@ -264,7 +256,7 @@ def checkpoint_editor(checkpoint: str | Path, steps: int | None = None, seed: in
 
     Each batch gets its own seed (`seed` + a batch counter), so results do not depend on what ran before.
     """
-    from editrl.inference import load_checkpoint
+    from editrl.checkpoint import load_checkpoint
     from editrl.rollout import edit_videos
 
     policy, recipe = load_checkpoint(checkpoint, device)

@@ -95,7 +95,7 @@ class LossOutput:
     ratio: Tensor  # (B,)
     clipped: Tensor  # (B,) bool: the clipped branch was taken
     approx_kl: Tensor  # scalar, E[(logp_old - logp_new)^2 / 2]
-    extra: dict[str, float] = field(default_factory=dict)  # further per-call numbers to log
+    extra: dict[str, Tensor] = field(default_factory=dict)  # further per-call scalars to log (kept on the device)
 
 
 Loss = Callable[[Tensor, Tensor, Tensor, float], LossOutput]

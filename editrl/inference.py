@@ -12,15 +12,6 @@ from typing import Any, Callable, Optional
 import typer
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
-    """(policy, recipe) from a GRPO or SFT checkpoint directory, or a run directory (its latest checkpoint)."""
-    from editrl.checkpoint import find_checkpoint, load_policy
-    from editrl.sft import is_sft_checkpoint, load_sft_policy
-
-    ckpt = find_checkpoint(path)
-    return load_sft_policy(ckpt, device) if is_sft_checkpoint(ckpt) else load_policy(ckpt, device)
-
-
 def video_fps(path: Path, default: float = 8.0) -> float:
     import av
 
@@ -59,10 +50,10 @@ def run_edit(
 ) -> Path:
     """Edit `video` as `instruction` says and write the result as an mp4; returns its path."""
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from editrl.checkpoint import load_checkpoint
     from editrl.data.video import read_image, read_video, write_video
-    from editrl.monitor import console
+    from editrl.monitor import progress
     from editrl.rollout import sample_ode
     from editrl.types import EditSample
 
@@ -81,16 +72,15 @@ def run_edit(
             note(f"note: {message}")
     n_steps = steps or recipe.sampling.eval_steps or recipe.sampling.steps
     sample = EditSample(id=video.stem, instruction=instruction, source=source, reference=ref)
-    columns = (TextColumn("[bold]edit"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=console) as bar, torch.no_grad():
-        task = bar.add_task("encode", total=n_steps + 2)
+    with progress("edit", n_steps + 2) as bar, torch.no_grad():
+        bar.update(note="encode")
         cond = policy.encode([sample])
-        bar.update(task, advance=1, description="denoise")
+        bar.update(advance=1, note="denoise")
         generator = torch.Generator().manual_seed(seed)
-        x0 = sample_ode(_Ticking(policy, lambda: bar.advance(task)), cond, n_steps, shift or recipe.sampling.shift, generator)
-        bar.update(task, description="decode")
+        x0 = sample_ode(_Ticking(policy, lambda: bar.update(advance=1)), cond, n_steps, shift or recipe.sampling.shift, generator)
+        bar.update(note="decode")
         edited = policy.decode(x0)[0].float().cpu()
-        bar.update(task, advance=1, description="done")
+        bar.update(advance=1, note="done")
     odd = edited.shape[-1] % 2 or edited.shape[-2] % 2
     return write_video(out, edited, fps=max(1, round(video_fps(video))), lossless=bool(odd))
 
@@ -121,7 +111,13 @@ def edit(
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", min=1.0, help="override the policy's CFG scale"),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
-    """Edit a video with a trained checkpoint (GRPO or SFT)."""
+    """Edit a video with a trained checkpoint (GRPO or SFT) and write the result as an mp4.
+
+    The end of `editrl train` prints this command for one of the run's held-out clips.
+
+    Example:
+      editrl edit --checkpoint runs/quickstart/grpo --video in.mp4 --instruction "make the square red" --out out.mp4
+    """
     from editrl.commands import console
 
     def go() -> None:
@@ -139,13 +135,24 @@ def sft(
     overrides: Optional[list[str]] = typer.Argument(None, help="section.field=value overrides, e.g. train.steps=5"),
     resume: bool = typer.Option(False, "--resume", help="continue from the run directory's latest checkpoint"),
 ) -> None:
-    """Supervised fine-tuning on paired edits with the flow-matching loss (a starting point for GRPO)."""
+    """Supervised fine-tuning on paired edits with the flow-matching loss (a starting point for GRPO).
+
+    A GRPO recipe starts from the result with policy.init_from=RUN, or makes it itself with policy.warm_start
+    (the quickstart does). Third-party messages go to RUN/libraries.log.
+
+    Example:
+      editrl sft viva_sft_tiny train.steps=50 run.output_dir=runs/my_sft
+    """
     from editrl.commands import console
 
     def go() -> None:
-        from editrl.sft import SftTrainer, load_sft_recipe
+        from editrl.monitor import LIBRARY_LOG, library_log
+        from editrl.sft import SftTrainer
+        from editrl.preflight import load_sft_recipe
 
-        run_dir = SftTrainer(load_sft_recipe(recipe, overrides or []), resume=resume).fit()
+        rec = load_sft_recipe(recipe, overrides or [])
+        with library_log(rec.output_dir / LIBRARY_LOG):
+            run_dir = SftTrainer(rec, resume=resume).fit()
         console.print(f"[green]done[/green]: {run_dir} (start GRPO from it with policy.init_from={run_dir})")
 
     _cli(go)

@@ -27,10 +27,10 @@ def score_folder(
     import torch
     from rich.progress import Progress
 
-    from editrl.config import load_recipe
+    from editrl.preflight import load_recipe
     from editrl.data.manifest import load_manifest, load_sample
     from editrl.evaluate import recipe_rewards
-    from editrl.trainer import reward_batch
+    from editrl.reward import reward_batch
 
     recipe = load_recipe(recipe_path, overrides or [])
     entries = [e for e in load_manifest(data, on_error="fail") if e.row.edited is not None]
@@ -100,7 +100,13 @@ def judge(
     max_frames: Optional[int] = typer.Option(None, "--max-frames", min=1, help="read at most this many frames per video"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the scores as JSON lines to this file"),
 ) -> None:
-    """Score a folder of edits with the recipe's rewards and print a table."""
+    """Score a folder of edits with the recipe's rewards and print a table.
+
+    Useful to check a judge (server up, prompt sensible, scores spread) before a long run.
+
+    Example:
+      editrl judge --recipe viva_grpo --data data/edited
+    """
     from rich.console import Console
 
     from editrl.commands import console, run_cli

@@ -1,23 +1,222 @@
-"""Run outputs people look at: a live progress bar, metrics.jsonl, TensorBoard, sample videos."""
+"""What a person watches: the job's phases with live progress bars, periodic lines with the few numbers that matter,
+metrics.jsonl, TensorBoard, sample videos, and `libraries.log`, where third-party libraries' chatter goes instead of
+the console.
+
+Only rich and the standard library are imported here (the command line loads this module for every command).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from editrl.types import EditSample
+if TYPE_CHECKING:
+    import torch
 
-console = Console(stderr=True)
+    from editrl.types import EditSample
 
-HEADLINE = ("reward/weighted/mean", "train/clip_frac", "train/approx_kl", "time/step")
+console = Console(stderr=True, log_path=False)
+
+# ------------------------------------------------------------------ phases of the main job
+
+# Every phase `editrl train` can go through, in the order a run meets them.
+PHASES = {
+    "preset": "tiny preset",
+    "data": "synthetic data",
+    "sft": "SFT warm start",
+    "grpo": "Edit-GRPO",
+    "eval": "held-out evaluation",
+}
+
+
+class _Job:
+    def __init__(self, keys: list[str], shown: bool) -> None:
+        self.keys, self.shown = keys, shown
+        self.seen: set[str] = set()
+
+
+_job: _Job | None = None
+
+
+@contextmanager
+def job(keys: list[str], shown: bool = True) -> Iterator[None]:
+    """The main job: the phases announced inside are numbered "[i/n]" in the order of `keys`, each once.
+
+    `shown=False` (the other ranks of a multi-process run) keeps the job's headers off that process's console.
+    """
+    global _job
+    previous, _job = _job, _Job(keys, shown)
+    try:
+        yield
+    finally:
+        _job = previous
+
+
+def _title(key: str) -> str:
+    title = PHASES[key]
+    if _job is not None and key in _job.keys:
+        title = f"[{_job.keys.index(key) + 1}/{len(_job.keys)}] {title}"
+    return escape(title)
+
+
+def announce(key: str, detail: str) -> None:
+    """A phase's header line; inside a job only the first announcement of a phase prints."""
+    if _job is not None:
+        if key in _job.seen or not _job.shown:
+            return
+        _job.seen.add(key)
+    console.print(f"[bold cyan]{_title(key)}[/]: {escape(detail)}", highlight=False)
+
+
+def skipped(key: str, detail: str) -> None:
+    """One line for a phase of the job whose result is already there (outside a job nobody asked for the phase)."""
+    if _job is None or key not in _job.keys or key in _job.seen or not _job.shown:
+        return
+    _job.seen.add(key)
+    console.print(f"[bold cyan]{_title(key)}[/]: [dim]skipped,[/] {escape(detail)}", highlight=False)
+
+
+class Bar:
+    """One row of a live progress display (label, bar, count, live numbers, elapsed time, ETA)."""
+
+    def __init__(self, progress: Progress, label: str, total: int | None, completed: int = 0) -> None:
+        self.progress = progress
+        self.task = progress.add_task(label, total=total, completed=completed, note="")
+
+    def update(self, completed: int | None = None, note: str | None = None, advance: int | None = None) -> None:
+        fields: dict[str, Any] = {} if note is None else {"note": note}
+        self.progress.update(self.task, completed=completed, advance=advance, **fields)
+
+    def add(self, label: str, total: int | None, completed: int = 0) -> Bar:
+        """Another row in the same display, for a phase that runs interleaved with this one."""
+        return Bar(self.progress, label, total, completed)
+
+
+@contextmanager
+def progress(label: str, total: int | None, completed: int = 0, enabled: bool = True) -> Iterator[Bar]:
+    """A live progress bar on the console (lines printed meanwhile scroll above it); `enabled=False` shows nothing."""
+    columns = (
+        TextColumn("  [bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, disable=not enabled) as bar:
+        yield Bar(bar, label, total, completed)
+
+
+def duration(seconds: float) -> str:
+    """`1h 02m`, `8m 52s` or `41s`."""
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+# ------------------------------------------------------------------ third-party output
+
+LIBRARY_LOG = "libraries.log"
+# The libraries editrl drives whose notices are meant for their own developers: bitsandbytes (imported by peft)
+# reports an optional CPU kernel it cannot load, DeepSpeed (imported by accelerate inside transformers'
+# save_pretrained when it is installed) reports the accelerator it picked, transformers logs a load report.
+LIBRARIES = ("transformers", "diffusers", "huggingface_hub", "peft", "bitsandbytes", "accelerate", "DeepSpeed")
+
+
+class _LibrarySink(logging.Handler):
+    """Third-party records inside `quiet_libraries`: into the open libraries.log; errors also on the console."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.file: logging.Handler | None = None
+        self.depth = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.file is not None:
+            self.file.handle(record)
+        if record.levelno >= logging.ERROR:
+            console.print(f"{record.name}: {record.getMessage()}", style="red", markup=False, highlight=False)
+
+
+class _ToSink(logging.Filter):
+    """On a library's logger: its own records go to the sink only, whatever handler it adds meanwhile (DeepSpeed
+    adds a console handler when it is imported, then warns through it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        _SINK.handle(record)
+        return False
+
+
+_SINK, _TO_SINK = _LibrarySink(), _ToSink()
+
+
+@contextmanager
+def library_log(path: Path) -> Iterator[Path]:
+    """While open, what `quiet_libraries` keeps off the console is appended to `path` (else it is dropped)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    previous, _SINK.file = _SINK.file, handler
+    try:
+        yield path
+    finally:
+        _SINK.file = previous
+        handler.close()
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Inside, the logging of LIBRARIES and transformers'/diffusers' progress bars go to libraries.log, not the console.
+
+    Used where editrl builds, loads and saves models. Only those loggers are rerouted and only here: editrl's own
+    warnings, Python warnings and every library error still reach the console; download bars stay.
+    """
+    if _SINK.depth:
+        yield
+        return
+    import diffusers.utils.logging as diffusers_logging  # importing them sets up their loggers now, not midway
+    import huggingface_hub.utils as hub
+    import transformers.utils.logging as transformers_logging
+
+    bar_switches = [m for m in (transformers_logging, diffusers_logging) if m.is_progress_bar_enabled()]
+    downloads = not hub.are_progress_bars_disabled()
+    saved = []
+    for name in LIBRARIES:
+        log = logging.getLogger(name)
+        saved.append((log, log.handlers[:], log.propagate))
+        log.handlers, log.propagate = [_SINK], False
+        log.addFilter(_TO_SINK)
+    for m in bar_switches:
+        m.disable_progress_bar()
+    if downloads:
+        hub.enable_progress_bars()  # transformers' switch turns the hub's off too
+    _SINK.depth += 1
+    try:
+        yield
+    finally:
+        _SINK.depth -= 1
+        for m in bar_switches:
+            m.enable_progress_bar()
+        if not downloads:
+            hub.disable_progress_bars()
+        for log, handlers, propagate in saved:
+            log.removeFilter(_TO_SINK)
+            log.handlers = handlers + [h for h in log.handlers if h is not _SINK and h not in handlers]
+            log.propagate = propagate
+
+
+# ------------------------------------------------------------------ run outputs
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -27,11 +226,29 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# The numbers an Edit-GRPO run's periodic lines show: {metric: format}.
+GRPO_HEADLINE = {"reward/weighted/mean": "reward {:.3f}", "eval/total": "held-out total {:.3f}", "time/step": "{:.2f} s/step"}
+
+
 class RunLogger:
-    def __init__(self, run_dir: Path, enabled: bool = True, start_step: int = 0, log_every: int = 1) -> None:
+    """metrics.jsonl and TensorBoard get every metric; the console gets one line per `log_every` steps (and per
+    evaluation) naming the phase and showing only the `headline` metrics."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool = True,
+        start_step: int = 0,
+        log_every: int = 1,
+        label: str = "Edit-GRPO",
+        total: int | None = None,
+        headline: dict[str, str] | None = None,
+    ) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
         self.log_every = log_every
+        self.label, self.total = label, total
+        self.headline = GRPO_HEADLINE if headline is None else headline
         self.metrics_path = run_dir / "metrics.jsonl"
         self._tb: Any = None
         if not enabled:
@@ -54,37 +271,21 @@ class RunLogger:
         for key, value in metrics.items():
             if math.isfinite(value):
                 self._tb.add_scalar(key, value, step)
-        if step % self.log_every == 0:
-            shown = [k for k in metrics if k in HEADLINE or k.startswith("eval/")]
-            console.log(f"step {step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in shown))
+        if step % self.log_every == 0 or any(k.startswith("eval/") for k in metrics):
+            console.print(self.line(step, metrics), highlight=False)
 
-    @contextmanager
-    def progress(self, total: int, start: int) -> Iterator[Callable[[int, dict[str, float]], None]]:
-        """A rich progress bar (live reward in the description); yields `update(step, metrics)`."""
-        if not self.enabled:
-            yield lambda step, metrics: None
-            return
-        columns = (
-            TextColumn("[bold]GRPO"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=console, transient=False) as bar:
-            task = bar.add_task("", total=total, completed=start)
-
-            def update(step: int, metrics: dict[str, float]) -> None:
-                reward = metrics.get("reward/weighted/mean", float("nan"))
-                bar.update(task, completed=step, description=f"reward {reward:.4f}")
-
-            yield update
+    def line(self, step: int, metrics: dict[str, float]) -> str:
+        """`Edit-GRPO step 50/100  reward 25.310  held-out total 24.512  2.13 s/step`."""
+        of = f"/{self.total}" if self.total is not None else ""
+        shown = [fmt.format(metrics[k]) for k, fmt in self.headline.items() if k in metrics]
+        return f"  {self.label} step {step}{of}  " + "  ".join(shown)
 
     def save_samples(self, step: int, samples: list[EditSample], edited: torch.Tensor, limit: int = 4) -> None:
         """source | edited side by side (edited alone when there is no source) as mp4s under samples/."""
         if not self.enabled:
             return
+        import torch
+
         from editrl.data.video import write_video
 
         out = self.run_dir / "samples" / f"step_{step:06d}"

@@ -12,24 +12,13 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator, Protocol, runtime_checkable
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from editrl.base import StrictModel
+from editrl.config import LoraOptions
 from editrl.types import Condition, EditSample
-
-
-class StrictModel(BaseModel):
-    """Base for every options model: unknown keys are errors (a typo must never be silently ignored)."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class LoraOptions(StrictModel):
-    rank: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] | None = None  # None: the policy's own default targets
 
 
 @runtime_checkable
@@ -159,11 +148,17 @@ class LoraPolicy:
 
 
 def build_policy(name: str, options: dict[str, Any] | BaseModel, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Any:
-    """Instantiate a registered policy with validated options."""
+    """Instantiate a registered policy with validated options.
+
+    Building imports the model libraries and loads (or first builds) weights: their notices and progress bars go
+    to the run's libraries.log, not the console.
+    """
+    from editrl.monitor import quiet_libraries
     from editrl.registry import POLICIES
 
-    cls = POLICIES.get(name)
-    opts_cls = getattr(cls, "Options", None)
-    if opts_cls is not None and not isinstance(options, opts_cls):
-        options = opts_cls.model_validate(dict(options) if not isinstance(options, BaseModel) else options.model_dump())
-    return cls(options, device=torch.device(device), dtype=dtype)
+    with quiet_libraries():
+        cls = POLICIES.get(name)
+        opts_cls = getattr(cls, "Options", None)
+        if opts_cls is not None and not isinstance(options, opts_cls):
+            options = opts_cls.model_validate(dict(options) if not isinstance(options, BaseModel) else options.model_dump())
+        return cls(options, device=torch.device(device), dtype=dtype)

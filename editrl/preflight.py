@@ -1,10 +1,12 @@
-"""Pre-flight checks for `editrl train --dry-run`: what a recipe needs that is not here, all listed at once.
+"""Everything a recipe is checked against before any model is built: its plugins, their options, its paths.
 
-Paths are checked here (the `init_from` checkpoint, or the data its warm start trains on; the data sources), and
-plugins check themselves: a policy or reward class may define a classmethod `preflight(options) -> list[str]`
-taking its validated `Options`, each string naming one missing piece (a checkpoint directory, a hub id absent
-from the local cache, a judge server that does not answer, IQA weights not on disk). Nothing is built and
-nothing is downloaded; plugins without the hook are taken to be ready.
+`load_recipe` is how every command reads a recipe: the schema (`editrl.config.parse_recipe`), then `check`, which
+stops at the first problem with one `RecipeError` line naming the key. `preflight` is `--dry-run`'s list of what a
+recipe needs that is not here, all at once: paths (the `init_from` checkpoint, or the data its warm start trains on;
+the data sources) and what plugins report themselves: a policy or reward class may define a classmethod
+`preflight(options) -> list[str]` taking its validated `Options`, each string naming one missing piece (a checkpoint
+directory, a hub id absent from the local cache, a judge server that does not answer, IQA weights not on disk).
+Nothing is built and nothing is downloaded; plugins without the hook are taken to be ready.
 """
 
 from __future__ import annotations
@@ -12,8 +14,92 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from editrl.config import Recipe, RecipeError
-from editrl.registry import DATASETS, POLICIES, REWARDS
+from editrl.base import RecipeError
+from editrl.config import Recipe, SftRecipe, parse_recipe, validate_model
+from editrl.registry import DATASETS, POLICIES, REWARDS, Registry, RegistryError, did_you_mean
+
+
+def load_recipe(
+    source: str | Path | dict[str, Any],
+    overrides: list[str] | tuple[str, ...] = (),
+    check_paths: bool = True,
+    model: type[Recipe] = Recipe,
+) -> Recipe:
+    """Read, override, validate and cross-check a recipe. Raises RecipeError with a one-line message.
+
+    `check_paths=False` skips data and init paths (a checkpoint's recipe, read back only to rebuild the policy).
+    """
+    recipe = parse_recipe(source, overrides, model)
+    check(recipe, check_paths)
+    return recipe
+
+
+def load_sft_recipe(
+    source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = (), check_paths: bool = True
+) -> SftRecipe:
+    return load_recipe(source, overrides, check_paths=check_paths, model=SftRecipe)  # type: ignore[return-value]
+
+
+def _lookup(registry: Registry[Any], name: str, where: str) -> Any:
+    try:
+        return registry.get(name)
+    except RegistryError as e:
+        raise RecipeError(f"{where}: {e}") from None
+
+
+def _known(registry: Registry[Any], name: str, where: str, what: str) -> None:
+    if name not in registry.names():
+        known = registry.names()
+        raise RecipeError(f"{where}: unknown {what} {name!r}{did_you_mean(name, known)}; known: {', '.join(known)}")
+
+
+def options_model(obj: Any) -> Any:
+    """A plugin's pydantic `Options` model, or None (plain functions and classes without one)."""
+    return getattr(obj, "Options", None)
+
+
+def check(recipe: Recipe, check_paths: bool = True) -> None:
+    """Plugin names exist and their options validate, the warm start is a valid SFT recipe, paths exist."""
+    from editrl.grpo import LOSSES
+    from editrl.sde import SDE_KINDS
+
+    _known(SDE_KINDS, recipe.sampling.sde, "sampling.sde", "sde kind")
+    _known(LOSSES, recipe.grpo.loss, "grpo.loss", "loss")
+    policy_cls = _lookup(POLICIES, recipe.policy.name, "policy.name")
+    if options_model(policy_cls) is not None:
+        validate_model(policy_cls.Options, recipe.policy.options, "policy.options.")
+    pc = recipe.policy
+    if pc.warm_start is not None:
+        if pc.init_from is None:
+            raise RecipeError("policy.warm_start: set policy.init_from to the directory the warm start writes")
+        try:
+            load_sft_recipe(pc.warm_start, pc.warm_start_overrides, check_paths=check_paths)
+        except RecipeError as e:
+            raise RecipeError(f"policy.warm_start ({pc.warm_start}): {e}") from None
+    elif check_paths and pc.init_from is not None and not Path(pc.init_from).exists():
+        raise RecipeError(f"policy.init_from: {pc.init_from} does not exist")
+    for split in ("train", "eval"):
+        src = getattr(recipe.data, split)
+        if src is None:
+            continue
+        cls = _lookup(DATASETS, src.kind, f"data.{split}.kind")
+        if options_model(cls) is not None:
+            opts = validate_model(cls.Options, src.options, f"data.{split}.options.")
+            if check_paths and getattr(opts, "check", None) is not None:
+                try:
+                    opts.check()
+                except (ValueError, FileNotFoundError) as e:
+                    raise RecipeError(f"data.{split}.options: {e}") from None
+    if recipe.needs_rewards and not recipe.rewards.terms:
+        raise RecipeError("rewards: at least one reward is needed (see `editrl rewards` for the list)")
+    keys = [t.key for t in recipe.rewards.terms]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup:
+        raise RecipeError(f"rewards: {dup!r} appears twice; give one of them a `label`")
+    for i, term in enumerate(recipe.rewards.terms):
+        opts = options_model(_lookup(REWARDS, term.name, f"rewards.terms.{i}.name"))
+        if opts is not None:
+            validate_model(opts, term.options, f"rewards.terms.{i}.options.")
 
 
 def preflight(recipe: Recipe) -> list[str]:
@@ -24,13 +110,11 @@ def preflight(recipe: Recipe) -> list[str]:
         if pc.warm_start is None:
             problems.append(f"policy.init_from: {pc.init_from} does not exist")
         else:
-            from editrl.sft import load_sft_recipe
-
             sft = load_sft_recipe(pc.warm_start, pc.warm_start_overrides, check_paths=False)
             problems += _data(sft, f"policy.warm_start ({pc.warm_start}): ")
-    problems += [f"policy ({pc.name}): {p}" for p in _check(POLICIES.get(pc.name), pc.options)]
+    problems += [f"policy ({pc.name}): {p}" for p in _hook(POLICIES.get(pc.name), pc.options)]
     for i, term in enumerate(recipe.rewards.terms):
-        problems += [f"rewards.terms.{i} ({term.key}): {p}" for p in _check(REWARDS.get(term.name), term.options)]
+        problems += [f"rewards.terms.{i} ({term.key}): {p}" for p in _hook(REWARDS.get(term.name), term.options)]
     return problems
 
 
@@ -39,18 +123,18 @@ def _data(recipe: Recipe, prefix: str) -> list[str]:
     problems = []
     for split in ("train", "eval"):
         src = getattr(recipe.data, split)
-        options = getattr(DATASETS.get(src.kind), "Options", None) if src is not None else None
-        check = getattr(options.model_validate(src.options), "check", None) if options is not None else None
-        if check is None:
+        options = options_model(DATASETS.get(src.kind)) if src is not None else None
+        check_fn = getattr(options.model_validate(src.options), "check", None) if options is not None else None
+        if check_fn is None:
             continue
         try:
-            check()
+            check_fn()
         except (ValueError, FileNotFoundError, RecipeError) as e:
             problems.append(f"{prefix}data.{split}.options: {e}")
     return problems
 
 
-def _check(plugin: Any, options: dict[str, Any]) -> list[str]:
+def _hook(plugin: Any, options: dict[str, Any]) -> list[str]:
     hook = getattr(plugin, "preflight", None)
     if hook is None:
         return []

@@ -12,10 +12,12 @@ import importlib
 from importlib import metadata
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
+from editrl.base import EditrlError
+
 T = TypeVar("T")
 
 
-class RegistryError(KeyError):
+class RegistryError(EditrlError, KeyError):
     """Unknown, duplicate or unloadable plugin name; the message is meant for the user as is."""
 
     def __str__(self) -> str:

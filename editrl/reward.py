@@ -14,8 +14,9 @@ import inspect
 from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
+from torch import Tensor
 
-from editrl.types import RewardBatch, RewardOutput
+from editrl.types import EditSample, RewardBatch, RewardOutput
 
 ALL_NEEDS = frozenset({"instruction", "source", "edited", "reference", "target", "mask", "category"})
 
@@ -85,12 +86,29 @@ def build_reward(name: str, options: dict[str, Any]) -> Any:
     raise TypeError(f"reward {name!r} resolves to {obj!r}, which is neither a class nor a function")
 
 
-def reward_options_model(name: str) -> Any:
-    """The pydantic model of a reward's options, or None (used to validate recipes before building)."""
-    from editrl.registry import REWARDS
+def reward_batch(samples: list[EditSample], edited: Tensor, needs: set[str] | frozenset[str] = ALL_NEEDS) -> RewardBatch:
+    """Only what the rewards declared they need (a judge that reads no target never gets one).
 
-    obj = REWARDS.get(name)
-    return getattr(obj, "Options", None) if inspect.isclass(obj) else None
+    The one place that decides where rewards compute: the videos and masks go to the edited videos' device (the
+    policy's), so pixel and oracle metrics run where the clips already are; judges turn what they send into CPU
+    images themselves. References stay as they are (images for judges).
+    """
+    device = edited.device
+
+    def stack(attr: str) -> Tensor | None:
+        values = [getattr(s, attr) for s in samples]
+        return torch.stack(values).to(device) if all(v is not None for v in values) else None
+
+    return RewardBatch(
+        instructions=[s.instruction for s in samples],
+        edited=edited if "edited" in needs else None,
+        sources=stack("source") if "source" in needs else None,
+        targets=stack("target") if "target" in needs else None,
+        references=[s.reference for s in samples] if "reference" in needs else None,
+        masks=[None if s.mask is None else s.mask.to(device) for s in samples] if "mask" in needs else None,
+        categories=[s.category for s in samples],
+        ids=[s.id for s in samples],
+    )
 
 
 async def _call(reward: Any, batch: RewardBatch) -> RewardOutput:
@@ -101,7 +119,8 @@ async def _call(reward: Any, batch: RewardBatch) -> RewardOutput:
         raise TypeError(f"reward {type(reward).__name__} returned {type(out).__name__}, expected RewardOutput")
     if out.scores.numel() != len(batch):
         raise ValueError(f"reward {type(reward).__name__} returned {out.scores.numel()} scores for {len(batch)} samples")
-    return out
+    # Scores leave the device once per reward call: the group statistics over them are a few numbers on the host.
+    return RewardOutput(out.scores.cpu(), out.valid.cpu(), out.extras)
 
 
 class RewardSet:

@@ -53,13 +53,18 @@ def rollout(
     noise_level: float,
     generator: torch.Generator,
 ) -> Trajectory:
-    """Sample a batch of trajectories and keep (x, x_next, log p) at the trained steps only."""
+    """Sample a batch of trajectories and keep (x, x_next, log p) at the trained steps only.
+
+    Everything stays on the policy's device and the loop reads nothing back from it (sigmas are host floats,
+    noise comes from `generator`, best placed on the policy's device), so the device never waits for the host.
+    """
     x = policy.init_noise(cond, generator)
     batch = x.shape[0]
     sde_set, keep = set(sde_steps), set(trained_steps)
+    schedule = sigmas.tolist()
     latents, nexts, logps = [], [], []
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
+    for i in range(len(schedule) - 1):
+        sigma, sigma_next = schedule[i], schedule[i + 1]
         v = policy.velocity(x, torch.full((batch,), sigma, device=x.device), cond)
         out = sde.step(
             kind if i in sde_set else "ode", x, v, sigma, sigma_next, noise_level=noise_level, generator=generator
@@ -83,13 +88,12 @@ def rollout(
 
 @torch.no_grad()
 def sample_ode(policy: Policy, cond: Condition, steps: int, shift: float, generator: torch.Generator) -> Tensor:
-    """Deterministic sampling (evaluation, inference): x0 latents."""
-    sigmas = sde.sigma_schedule(steps, shift)
+    """Deterministic sampling (evaluation, inference): x0 latents, by the SDE module's `ode` step."""
+    schedule = sde.sigma_schedule(steps, shift).tolist()
     x = policy.init_noise(cond, generator)
-    for i in range(steps):
-        sigma = sigmas[i].item()
+    for sigma, sigma_next in zip(schedule[:-1], schedule[1:]):
         v = policy.velocity(x, torch.full((x.shape[0],), sigma, device=x.device), cond)
-        x = (x.float() + (sigmas[i + 1].item() - sigma) * v.float()).to(x.dtype)
+        x = sde.step("ode", x, v, sigma, sigma_next, noise_level=0.0).prev_sample.to(x.dtype)
     return x
 
 

@@ -33,11 +33,21 @@ SDE_KINDS: Registry[Transition] = Registry("sde kind")
 
 
 def _expand(s: float | Tensor, like: Tensor) -> Tensor:
-    """A float or (B,) sigma as float32 (B, 1, ..., 1) broadcastable against `like`."""
-    t = torch.as_tensor(s, dtype=torch.float32, device=like.device)
-    if t.ndim == 0:
-        t = t.expand(like.shape[0])
+    """A float or (B,) sigma as float32 (B, 1, ..., 1) on `like`'s device.
+
+    A float is filled on the device (no host-to-device copy, so no stall of a rollout loop); a tensor keeps its values.
+    """
+    if isinstance(s, Tensor):
+        t = s.to(device=like.device, dtype=torch.float32)
+        t = t.expand(like.shape[0]) if t.ndim == 0 else t
+    else:
+        t = torch.full((like.shape[0],), float(s), dtype=torch.float32, device=like.device)
     return t.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _on_host(s: float | Tensor) -> Tensor:
+    """Sigmas as a 1-D float32 CPU tensor for the step's checks (a device tensor costs a sync: loops pass floats)."""
+    return torch.as_tensor(s, dtype=torch.float32).detach().reshape(-1).cpu()
 
 
 @SDE_KINDS.register("flow_sde")
@@ -93,22 +103,29 @@ def step(
     generator: torch.Generator | None = None,
     prev_sample: Tensor | None = None,
 ) -> SdeStep:
-    """Draw x at sigma_next (rollout), or score `prev_sample` (training), under the kind's transition."""
+    """Draw x at sigma_next (rollout), or score `prev_sample` (training), under the kind's transition.
+
+    The checks (sigmas decreasing, noise where the kind needs it) run on host copies of the sigmas, so a step with
+    float sigmas reads nothing back from the device. Noise is drawn by `generator` on its own device: the trainer
+    seeds one on the policy's device, so CPU and CUDA runs draw different (each reproducible) noise.
+    """
     transition = SDE_KINDS.get(kind)
+    t_host, t_next_host = _on_host(sigma), _on_host(sigma_next)
+    if bool((t_next_host >= t_host).any()):
+        raise ValueError("sigma_next must be smaller than sigma (sampling runs from sigma=1 to 0)")
+    _, std_host = transition(torch.zeros_like(t_host), torch.zeros_like(t_host), t_host, t_next_host, noise_level)
+    std_host = torch.as_tensor(std_host, dtype=torch.float32)
+    deterministic = bool((std_host == 0).all())
+    if not deterministic and bool((std_host <= 0).any()):
+        raise ValueError(f"{kind} has zero noise at sigma_next={t_next_host.tolist()}; use 'ode' for that step")
     xf, vf = x.float(), v.float()
     t, t_next = _expand(sigma, xf), _expand(sigma_next, xf)
-    if bool((t_next >= t).any()):
-        raise ValueError("sigma_next must be smaller than sigma (sampling runs from sigma=1 to 0)")
     mean, std = transition(xf, vf, t, t_next, noise_level)
     std = std.expand_as(t)
-    deterministic = bool((std == 0).all())
-    if not deterministic and bool((std <= 0).any()):
-        raise ValueError(f"{kind} has zero noise at sigma_next={t_next.flatten().tolist()}; use 'ode' for that step")
     if prev_sample is None:
         if deterministic:
             prev_sample = mean
         else:
-            # Drawn on the generator's device so a CPU generator reproduces the same noise for a GPU run.
             gen_device = generator.device if generator is not None else mean.device
             noise = torch.randn(mean.shape, generator=generator, device=gen_device, dtype=mean.dtype).to(mean.device)
             prev_sample = mean + std * noise

@@ -1,13 +1,21 @@
-"""The held-out before/after table printed when a run that evaluates finishes (the quickstart's punchline)."""
+"""What a finished run prints last: the held-out before/after table (the quickstart's punchline), then where
+everything is and which commands to try next."""
 
 from __future__ import annotations
 
+import json
+import shlex
+import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
+import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from editrl.monitor import read_metrics
+from editrl.monitor import LIBRARY_LOG, duration, read_metrics
 
 
 def eval_before_after(run_dir: Path) -> Table | None:
@@ -30,3 +38,96 @@ def print_eval_before_after(run_dir: Path, console: Console) -> None:
     table = eval_before_after(run_dir)
     if table is not None:
         console.print(table)
+
+
+def run_summary(run_dir: Path, recipe: Any) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """([(what, where)], [(why, next command)]) for a finished `editrl train` run; paths as the user can type them."""
+    from editrl.checkpoint import find_checkpoint
+
+    editrl = _prog()
+    run = _show(run_dir)
+    places = [("run directory", run)]
+    try:
+        places.append(("checkpoints", f"{_show(find_checkpoint(run_dir))} (latest)"))
+    except FileNotFoundError:
+        places.append(("checkpoints", "none written"))
+    places.append(("metrics", _show(run_dir / "metrics.jsonl")))
+    tensorboard = Path(sys.executable).with_name("tensorboard")
+    places.append(("TensorBoard", f"{_show(tensorboard) if tensorboard.is_file() else 'tensorboard'} --logdir {run}/tensorboard"))
+    videos = sorted((run_dir / "samples").rglob("*.mp4"))
+    places.append(("sample videos", f"{len(videos)} in {run}/samples" if videos else "none (train.sample_every=N saves them)"))
+    grid = run_dir / "eval" / "grid.png"
+    places.append(("frame grid", _show(grid) if grid.is_file() else f"{_show(grid)}, written by `{editrl} eval`"))
+    places.append(("library log", f"{run}/{LIBRARY_LOG}"))
+
+    commands = []
+    clip = _first_clip(recipe)
+    if clip is not None:
+        folder, row = clip
+        commands.append((
+            "edit a held-out clip with the trained policy",
+            f"{editrl} edit --checkpoint {run} --video {_show(folder / row['source'])} "
+            f"--instruction {shlex.quote(row['instruction'])} --out {_show(run_dir / 'edits' / (row['id'] + '.mp4'))}",
+        ))
+        commands.append(("benchmark it on the held-out split: tables per category and a frame grid",
+                         f"{editrl} eval --checkpoint {run} --data {_show(folder)}"))
+    commands += [(f"the bundled sweep {spec.stem}: variants x seeds, resumable, results table and plots",
+                  f"{editrl} sweep {_show(spec)}") for spec in _sweeps_of(recipe.run.name)]
+    return places, commands
+
+
+def print_run_summary(run_dir: Path, recipe: Any, seconds: float, console: Console) -> None:
+    places, commands = run_summary(run_dir, recipe)
+    table = Table.grid(padding=(0, 2))
+    for what, where in places:
+        table.add_row(f"  {what}", escape(where))
+    console.print(f"[bold green]Done[/] in {duration(seconds)}. Where everything is:")
+    console.print(table)
+    console.print("[bold]Try next:[/]")
+    for why, command in commands:
+        console.print(f"  # {why}", style="dim", soft_wrap=True, markup=False, highlight=False)
+        console.print(f"  {command}", soft_wrap=True, markup=False, highlight=False)
+
+
+def _first_clip(recipe: Any) -> tuple[Path, dict[str, Any]] | None:
+    """(data folder, its first manifest row) of the recipe's eval split (else its training split), if it has files."""
+    from editrl.data.manifest import MANIFEST_NAME
+    from editrl.data.synth import SyntheticDataset
+
+    source = recipe.data.eval or recipe.data.train
+    if source.kind == "synthetic":
+        folder = SyntheticDataset.Options.model_validate(source.options).folder()
+    elif source.kind == "manifest":
+        path = Path(source.options["path"])
+        folder = path if path.is_dir() else path.parent
+    else:
+        return None
+    lines = (folder / MANIFEST_NAME).read_text().splitlines() if (folder / MANIFEST_NAME).is_file() else []
+    return (folder, json.loads(lines[0])) if lines else None
+
+
+def _sweeps_of(run_name: str) -> list[Path]:
+    """Bundled sweep specs whose base recipe is this run's."""
+    from editrl.config import bundled_recipes
+
+    roots = {p.parent for p in bundled_recipes().values()}
+    specs = sorted(p for root in roots for p in (root / "sweeps").glob("*.yaml"))
+    return [p for p in specs if Path(str((yaml.safe_load(p.read_text()) or {}).get("base", ""))).stem == run_name]
+
+
+def _prog() -> str:
+    """`editrl` as the user can run it: plain when that is on the PATH, else the script's path (.venv/bin/editrl)."""
+    argv0, on_path = Path(sys.argv[0]), shutil.which("editrl")
+    if argv0.name != "editrl" or (on_path is not None and Path(on_path).resolve() == argv0.resolve()):
+        return "editrl"
+    return _show(argv0)
+
+
+def _show(path: Path) -> str:
+    """A path relative to the working directory when it is inside it, else absolute; quoted for a shell."""
+    path = path.absolute()
+    try:
+        path = path.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return shlex.quote(str(path))

@@ -39,9 +39,10 @@ from typing import Any
 import yaml
 from pydantic import Field, model_validator
 
-from editrl.config import RecipeError, load_recipe, resolve_recipe_path, validate_model
+from editrl.base import RecipeError, StrictModel
+from editrl.config import resolve_recipe_path, validate_model
+from editrl.preflight import load_recipe
 from editrl.monitor import console, read_metrics
-from editrl.policy import StrictModel
 
 # Two-sided 95% Student-t critical values by degrees of freedom (small seed counts are the norm).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,

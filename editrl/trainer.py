@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import itertools
+import math
 import json
-import shutil
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -21,62 +22,15 @@ import torch
 from torch import Tensor
 
 from editrl import grpo, sde
-from editrl.checkpoint import find_checkpoint, load_training_state, save_checkpoint
-from editrl.config import Layout, Recipe, derive_layout, dump_recipe
-from editrl.data.base import EditDataset, build_dataset
-from editrl.distributed import make_backend
-from editrl.monitor import RunLogger
-from editrl.policy import build_policy
-from editrl.reward import RewardSet, build_reward
+from editrl.base import TrainingError
+from editrl.checkpoint import find_checkpoint
+from editrl.config import Layout, Recipe, derive_layout
+from editrl.evaluate import ORACLE_COLUMNS
+from editrl.harness import Harness, Timer, derive_seed
+from editrl.monitor import skipped
+from editrl.reward import RewardSet, build_reward, reward_batch
 from editrl.rollout import edit_videos, plan_steps, rollout
-from editrl.types import Condition, EditSample, RewardBatch, RewardOutput, Trajectory
-
-
-class TrainingError(RuntimeError):
-    """A run that must stop, with a message meant for the user (e.g. a judge that keeps failing)."""
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers: every rollout's noise is a pure function of (run seed, step, rank, chunk)."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
-    return h
-
-
-class DataCursor:
-    """Endless, seeded, epoch-wise shuffled request order; its position is all that resume needs."""
-
-    def __init__(self, size: int, seed: int, shuffle: bool, position: int = 0) -> None:
-        self.size, self.seed, self.shuffle, self.position = size, seed, shuffle, position
-        self._epoch, self._order = -1, torch.arange(size)
-
-    def take(self, n: int) -> list[int]:
-        out = []
-        for _ in range(n):
-            epoch, i = divmod(self.position, self.size)
-            if epoch != self._epoch:
-                g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
-                self._order = torch.randperm(self.size, generator=g) if self.shuffle else torch.arange(self.size)
-                self._epoch = epoch
-            out.append(int(self._order[i]))
-            self.position += 1
-        return out
-
-
-class Timer:
-    """Wall time per phase, accumulated over a step."""
-
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.totals[name] += time.perf_counter() - t0
+from editrl.types import Condition, EditSample, RewardOutput, Trajectory
 
 
 @dataclass
@@ -91,116 +45,24 @@ class Rollouts:
     rewards: dict[str, RewardOutput] = field(default_factory=dict)
 
 
-def reward_batch(samples: list[EditSample], edited: Tensor, needs: set[str]) -> RewardBatch:
-    """Only what the rewards declared they need (a judge that reads no target never gets one)."""
+class Trainer(Harness):
+    """Edit-GRPO: groups of rollouts scored by the recipe's rewards, group-relative advantages, a clipped update."""
 
-    def stack(attr: str) -> Tensor | None:
-        values = [getattr(s, attr) for s in samples]
-        return torch.stack(values) if all(v is not None for v in values) else None
+    label, phase, eval_phase = "Edit-GRPO", "grpo", "eval"
 
-    return RewardBatch(
-        instructions=[s.instruction for s in samples],
-        edited=edited if "edited" in needs else None,
-        sources=stack("source") if "source" in needs else None,
-        targets=stack("target") if "target" in needs else None,
-        references=[s.reference for s in samples] if "reference" in needs else None,
-        masks=[s.mask for s in samples] if "mask" in needs else None,
-        categories=[s.category for s in samples],
-        ids=[s.id for s in samples],
-    )
+    def make_init(self, resume: bool) -> None:
+        if self.recipe.policy.warm_start and not resume:
+            if self.backend.is_main:  # one process builds it; the other ranks wait, then load it
+                warm_start(self.recipe)
+            self.backend.barrier()
 
-
-class Trainer:
-    def __init__(self, recipe: Recipe, resume: bool = False, overwrite: bool = False) -> None:
-        self.recipe = recipe
-        self.backend = make_backend(recipe)
+    def build(self) -> None:
+        recipe = self.recipe
         self.layout: Layout = derive_layout(recipe, self.backend.world_size)
-        self.run_dir = recipe.output_dir
-        if not resume and not overwrite and any((self.run_dir / "checkpoints").glob("step_*")):
-            raise TrainingError(
-                f"{self.run_dir} already holds checkpoints: continue it with --resume, start over with --overwrite, "
-                "or choose another run.name / run.output_dir"
-            )
-        if overwrite and self.backend.is_main:
-            shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
-        if recipe.run.threads:
-            torch.set_num_threads(recipe.run.threads)
-        torch.manual_seed(derive_seed(recipe.run.seed, self.backend.rank))
-        self.device = torch.device(recipe.run.device)
-        self.policy = build_policy(
-            recipe.policy.name, recipe.policy.options, device=self.device, dtype=getattr(torch, recipe.run.dtype)
-        )
-        if recipe.optim.lora is not None:
-            self.policy.add_lora(recipe.optim.lora)
-        if recipe.policy.init_from:
-            if recipe.policy.warm_start and not resume:
-                if self.backend.is_main:  # one process builds it; the other ranks wait, then load it
-                    warm_start(recipe)
-                self.backend.barrier()
-            self.policy.load_trainable(find_checkpoint(recipe.policy.init_from))
-        self.backend.prepare(self.policy)
-        self.ema = self._make_ema()
-        self.train_data: EditDataset = build_dataset(recipe.data.train.kind, recipe.data.train.options)
-        self.eval_data: EditDataset | None = (
-            build_dataset(recipe.data.eval.kind, recipe.data.eval.options) if recipe.data.eval else None
-        )
-        self.rewards = RewardSet(
-            [(t.key, t.weight, build_reward(t.name, t.options)) for t in recipe.rewards.terms]
-        )
+        self.rewards = RewardSet([(t.key, t.weight, build_reward(t.name, t.options)) for t in recipe.rewards.terms])
         self.sigmas = sde.sigma_schedule(recipe.sampling.steps, recipe.sampling.shift)
-        self.cursor = DataCursor(len(self.train_data), recipe.run.seed, recipe.data.shuffle)
-        self.step = 0
         self._last_rollouts: Rollouts | None = None
         self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewards")
-        if resume:
-            self._resume()
-        elif self.backend.is_main:
-            dump_recipe(recipe, self.run_dir / "recipe.yaml")
-        self.logger = RunLogger(
-            self.run_dir, enabled=self.backend.is_main, start_step=self.step, log_every=recipe.train.log_every
-        )
-
-    def _make_ema(self) -> Any:
-        if not self.recipe.optim.ema.enabled:
-            return None
-        from diffusers.training_utils import EMAModel
-
-        return EMAModel(self.policy.trainable_parameters(), decay=self.recipe.optim.ema.decay)
-
-    # ------------------------------------------------------------------ resume / save
-
-    def _resume(self) -> None:
-        try:
-            ckpt = find_checkpoint(self.run_dir)
-        except FileNotFoundError:
-            raise TrainingError(f"--resume: no checkpoint in {self.run_dir} to resume from") from None
-        state, info = load_training_state(ckpt)
-        with self.backend.gathered(self.policy):
-            self.policy.load_trainable(ckpt)
-        self.backend.load_state_dict(state["backend"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-        torch.set_rng_state(state["torch_rng"])
-        self.step = int(info["step"])
-        self.cursor.position = int(info["cursor"])
-
-    def save(self) -> Path | None:
-        self.backend.save_shards(f"step_{self.step:06d}")  # collective, before `latest` can name this step
-        with self.backend.gathered(self.policy):
-            if not self.backend.is_main:
-                return None
-            state = {"backend": self.backend.state_dict()}
-            if self.ema is not None:
-                state["ema"] = self.ema.state_dict()
-            return save_checkpoint(
-                self.run_dir,
-                self.step,
-                self.recipe,
-                self.policy,
-                state,
-                {"cursor": self.cursor.position},
-                keep=self.recipe.train.keep_checkpoints,
-            )
 
     # ------------------------------------------------------------------ rollout
 
@@ -228,14 +90,17 @@ class Trainer:
                 else:
                     cond = self.policy.encode([smp for smp in chunk for _ in range(g.group_size)])
             # Seeded by the chunk's global group index: the same groups get the same noise on any number of ranks.
-            gen = torch.Generator().manual_seed(derive_seed(r.run.seed, self.step, 2, self.backend.rank * self.layout.groups_per_rank + c))
+            # On the policy's device, so the noise never crosses from the host (CPU and CUDA draw different streams).
+            gen = torch.Generator(self.device).manual_seed(
+                derive_seed(r.run.seed, self.step, 2, self.backend.rank * self.layout.groups_per_rank + c)
+            )
             with timer("rollout"):
                 traj = rollout(
                     self.policy, cond, self.sigmas, sde_steps=sde_steps, trained_steps=trained,
                     kind=s.sde, noise_level=s.noise_level, generator=gen,
                 )
             with timer("decode"), torch.no_grad():
-                pixels = self.policy.decode(traj.final).float().cpu()
+                pixels = self.policy.decode(traj.final).float()
             members = [smp for smp in chunk for _ in range(g.group_size)]
             batch = reward_batch(members, pixels, needs)
             if g.async_rewards:
@@ -281,7 +146,7 @@ class Trainer:
                 )
         scores = {n: o.scores for n, o in ro.rewards.items()}
         valid = {n: o.valid for n, o in ro.rewards.items()}
-        total, ok = grpo.aggregate_rewards(scores, valid, self.recipe.rewards.weights(), ro.group_ids, rc.aggregation)
+        total, ok = grpo.aggregate_rewards(scores, valid, self.rewards.weights, ro.group_ids, rc.aggregation)
         # Over the global batch (rewards all-gathered in rank order), so `scale: batch` sees every rank's groups.
         n, offset = len(total), self.backend.rank * self.layout.groups_per_rank
         gids, all_ok = self.backend.all_gather(ro.group_ids + offset), self.backend.all_gather(ok.float()).bool()
@@ -315,7 +180,9 @@ class Trainer:
         micro += [(torch.arange(mb), 0.0)] * (max(real) - len(micro))
         per_update = max(1, -(-len(micro) // g.minibatches))
         loss_fn = grpo.LOSSES.get(g.loss)
-        stats: dict[str, list[float]] = defaultdict(list)
+        grad_norms: list[float] = []
+        # Statistics stay on the device until the update is done: reading one back would stall every micro-step.
+        stats: dict[str, list[Tensor]] = defaultdict(list)
         ratio_by_step: dict[int, list[Tensor]] = defaultdict(list)
         for m in self.policy.modules_for_training():
             m.train()
@@ -325,42 +192,45 @@ class Trainer:
                 n_real = sum(min(max(n - u, 0), per_update) for n in real)  # real micro-batches, all ranks
                 n_back = n_real * len(ro.traj.steps) / self.backend.world_size
                 for mb_idx, weight in update:
-                    cond = ro.cond.index(mb_idx)
-                    a = adv[mb_idx]
+                    cond, traj = ro.cond.index(mb_idx), ro.traj.index(mb_idx)
+                    a = adv[mb_idx].to(self.device)
                     for k, step_i in enumerate(ro.traj.steps):
-                        loss, out = self._step_loss(ro.traj, mb_idx, k, cond, a, loss_fn)
+                        loss, out, extra = self._step_loss(traj, k, cond, a, loss_fn)
                         self.backend.backward(loss * weight / n_back)
                         if not weight:
                             continue
-                        stats["loss"].append(float(loss.detach()))
-                        stats["clip_frac"].append(float(out.clipped.float().mean()))
-                        stats["approx_kl"].append(float(out.approx_kl))
+                        stats["loss"].append(loss.detach())
+                        stats["clip_frac"].append(out.clipped.float().mean())
+                        stats["approx_kl"].append(out.approx_kl)
                         ratio_by_step[step_i].append(out.ratio)
-                        for key in ("kl", "pg_loss"):
-                            if key in out.extra:
-                                stats[key].append(out.extra[key])
-                stats["grad_norm"].append(self.backend.step())
+                        for key, value in extra.items():
+                            stats[key].append(value)
+                grad_norms.append(self.backend.step())
                 if self.ema is not None:
                     self.ema.step(self.policy.trainable_parameters())
         for m in self.policy.modules_for_training():
             m.eval()
-        for key, values in stats.items():
-            metrics[f"train/{key}"] = sum(values) / len(values)
+        names, values = [f"train/{k}" for k in stats], [torch.stack(v).float().mean() for v in stats.values()]
         for step_i, ratios in sorted(ratio_by_step.items()):
-            ratio = torch.cat(ratios)
-            metrics[f"ratio/t{step_i:02d}/mean"] = float(ratio.mean())
-            metrics[f"ratio/t{step_i:02d}/std"] = float(ratio.std(unbiased=False))
+            ratio = torch.cat(ratios).float()
+            names += [f"ratio/t{step_i:02d}/mean", f"ratio/t{step_i:02d}/std"]
+            values += [ratio.mean(), ratio.std(unbiased=False)]
+        host = torch.stack(values).tolist() if values else []  # one read-back for the whole update
+        metrics.update(zip(names, host))
+        metrics["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
 
-    def _step_loss(self, traj: Trajectory, mb_idx: Tensor, k: int, cond: Condition, adv: Tensor, loss_fn: Any) -> tuple[Tensor, Any]:
+    def _step_loss(
+        self, traj: Trajectory, k: int, cond: Condition, adv: Tensor, loss_fn: Any
+    ) -> tuple[Tensor, Any, dict[str, Tensor]]:
+        """Loss of trained step `k` for a micro-batch's trajectory; the KL's reference forward only when beta > 0."""
         s, g = self.recipe.sampling, self.recipe.grpo
-        x = traj.latents[mb_idx, k].to(self.device)
-        sigma = float(traj.sigmas[k])
-        sigma_next = float(traj.sigmas_next[k])
-        sigma_vec = torch.full((x.shape[0],), sigma, device=self.device)
+        x = traj.latents[:, k]
+        sigma, sigma_next = float(traj.sigmas[k]), float(traj.sigmas_next[k])
+        sigma_vec = torch.full((x.shape[0],), sigma, device=x.device)
         v = self.backend.forward(self.policy.velocity, x, sigma_vec, cond)
-        out = sde.step(s.sde, x, v, sigma, sigma_next, noise_level=s.noise_level, prev_sample=traj.next_latents[mb_idx, k])
-        pg = loss_fn(out.log_prob, traj.log_probs[mb_idx, k].to(self.device), adv.to(self.device), g.clip_range)
-        pg.extra = {"pg_loss": float(pg.loss.detach())}
+        out = sde.step(s.sde, x, v, sigma, sigma_next, noise_level=s.noise_level, prev_sample=traj.next_latents[:, k])
+        pg = loss_fn(out.log_prob, traj.log_probs[:, k], adv, g.clip_range)
+        extra = {**pg.extra, "pg_loss": pg.loss.detach()}
         loss = pg.loss
         if g.beta > 0:
             with torch.no_grad(), self.policy.reference():
@@ -368,13 +238,13 @@ class Trainer:
             ref = sde.step(s.sde, x, v_ref, sigma, sigma_next, noise_level=s.noise_level, prev_sample=out.prev_sample)
             kl = grpo.kl_to_reference(out.mean, ref.mean, out.std).mean()
             loss = loss + g.beta * kl
-            pg.extra["kl"] = float(kl.detach())
-        return loss, pg
+            extra["kl"] = kl.detach()
+        return loss, pg, extra
 
     # ------------------------------------------------------------------ loop
 
     def train_step(self) -> dict[str, float]:
-        timer = Timer()
+        timer = Timer(self.device)
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
         with self.backend.inference(self.policy):
@@ -397,28 +267,24 @@ class Trainer:
         return out
 
     def evaluate(self) -> dict[str, float]:
-        """Deterministic (ODE) edits of the eval split, scored by the recipe's rewards and, where the split has
-        ground truth, by the benchmark's oracle metrics (`eval/oracle/*`: PSNR and SSIM of fidelity and
-        preservation, temporal) — held-out numbers that include metrics the policy was not trained on."""
-        from editrl.evaluate import oracle_scores
+        """The held-out benchmark (`editrl.evaluate`, as `editrl eval` runs it) on the eval split with deterministic
+        (ODE) edits: the recipe's rewards (`eval/<term>`) and, where the split has ground truth, the oracle metrics
+        (`eval/oracle/*`: PSNR and SSIM of fidelity and preservation, temporal, smoothness), numbers that include
+        metrics the policy was not trained on; `eval/total` is the recipe's weighted reward."""
+        from editrl.evaluate import evaluate as benchmark
 
         assert self.eval_data is not None
-        s = self.recipe.sampling
-        samples = [self.eval_data[i] for i in range(len(self.eval_data))]
-        scores: dict[str, list[Tensor]] = defaultdict(list)
-        bs = self.layout.micro_batch_size
+        s, bs = self.recipe.sampling, self.layout.micro_batch_size
+        seeds = itertools.count(self.recipe.run.seed, bs)  # each batch's seed: the run's seed + its first index
+
+        def edit_fn(chunk: list[EditSample]) -> Tensor:
+            return edit_videos(self.policy, chunk, s.eval_steps or s.steps, s.shift, next(seeds)).float()
+
         ema_ctx = self._ema_weights() if self.ema is not None else contextlib.nullcontext()
         with ema_ctx, self.backend.inference(self.policy):
-            for i in range(0, len(samples), bs):
-                chunk = samples[i : i + bs]
-                edited = edit_videos(self.policy, chunk, s.eval_steps or s.steps, s.shift, self.recipe.run.seed + i).float().cpu()
-                for name, out in self.rewards.score(reward_batch(chunk, edited, self.rewards.needs)).items():
-                    scores[name].append(out.scores[out.valid])
-                for name, values in oracle_scores(edited, chunk).items():
-                    if bool(values.isfinite().any()):
-                        scores[f"oracle/{name}"].append(values[values.isfinite()])
-        out = {f"eval/{name}": float(torch.cat(v).mean()) for name, v in scores.items()}
-        # The recipe's weighted reward on held-out edits (time-to-target benchmarks compare schedules on it).
+            overall = benchmark(edit_fn, self.eval_data, self.rewards, batch_size=bs, progress=False).overall()
+        out = {f"eval/{name}": overall[f"reward_{name}"] for name in self.rewards.names}
+        out |= {f"eval/oracle/{col}": overall[col] for col in ORACLE_COLUMNS if not math.isnan(overall[col])}
         out["eval/total"] = sum(w * out[f"eval/{name}"] for name, w in self.rewards.weights.items())
         return out
 
@@ -432,32 +298,23 @@ class Trainer:
         finally:
             self.ema.restore(params)
 
-    def fit(self) -> Path:
+    def after_step(self, metrics: dict[str, float]) -> None:
         t = self.recipe.train
-        evaluating = self.eval_data is not None and t.eval_every is not None
-        try:
-            if evaluating and self.step == 0:
-                self.logger.log(0, self.evaluate())
-            with self.logger.progress(t.steps, self.step) as progress:
-                while self.step < t.steps:
-                    metrics = self.train_step()
-                    if evaluating and (self.step % t.eval_every == 0 or self.step == t.steps):
-                        metrics.update(self.evaluate())
-                    self.logger.log(self.step, metrics)
-                    if t.sample_every and self.step % t.sample_every == 0 and self._last_rollouts is not None:
-                        self.logger.save_samples(self.step, self._last_rollouts.samples, self._last_rollouts.edited)
-                    if self.step % t.save_every == 0 or self.step == t.steps:
-                        self.save()
-                    progress(self.step, metrics)
-        finally:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self.logger.close()
-        if evaluating and self.backend.is_main:
+        if t.sample_every and self.step % t.sample_every == 0 and self._last_rollouts is not None:
+            self.logger.save_samples(self.step, self._last_rollouts.samples, self._last_rollouts.edited.cpu())
+
+    def progress_note(self, metrics: dict[str, float]) -> str:
+        return f"reward {metrics.get('reward/weighted/mean', float('nan')):.3f}"
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def finish(self) -> None:
+        if self.eval_data is not None and self.recipe.train.eval_every is not None and self.backend.is_main:
             from editrl.monitor import console
             from editrl.summary import print_eval_before_after
 
             print_eval_before_after(self.run_dir, console)
-        return self.run_dir
 
 
 def _done(value: Any) -> cf.Future:
@@ -474,8 +331,10 @@ def warm_start(recipe: Recipe) -> Path:
     """
     from filelock import FileLock
 
+    from editrl.data.synth import prepare_synthetic
     from editrl.distributed import LocalBackend
-    from editrl.sft import SftTrainer, load_sft_recipe
+    from editrl.sft import SftTrainer
+    from editrl.preflight import load_sft_recipe
 
     pc = recipe.policy
     out = Path(pc.init_from)  # type: ignore[arg-type]
@@ -486,7 +345,10 @@ def warm_start(recipe: Recipe) -> Path:
             done = json.loads((find_checkpoint(out) / "state.json").read_text())["step"] >= sft.train.steps
         except FileNotFoundError:
             done = False
-        if not done:
+        prepare_synthetic(recipe, *([] if done else [sft]))  # the job's data in one phase, before the SFT phase
+        if done:
+            skipped("sft", f"{out} holds a finished warm start ({sft.train.steps} steps)")
+        else:
             resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step_*"))
             SftTrainer(sft, resume=resume, backend=LocalBackend(sft.optim)).fit()
     return out

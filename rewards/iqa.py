@@ -21,8 +21,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field
 
-from editrl.config import RecipeError
-from editrl.policy import StrictModel
+from editrl.base import RecipeError, StrictModel
 from editrl.registry import did_you_mean
 from editrl.types import RewardBatch, RewardOutput
 
@@ -42,7 +41,7 @@ class Iqa:
         metric: str
         weights: str | None = None  # a local weights file, passed to pyiqa as `pretrained_model_path`
         frames: int | None = Field(4, ge=1)  # frames per video, evenly spaced; None = every frame
-        device: str = "cpu"
+        device: str | None = None  # None: where the batch's videos are (the policy's device); built on the CPU
         batch_size: int = Field(16, ge=1)  # frames per forward pass
         metric_options: dict[str, Any] = Field(default_factory=dict)  # other pyiqa `create_metric` arguments
 
@@ -62,7 +61,7 @@ class Iqa:
         printed = io.StringIO()
         try:
             with contextlib.redirect_stdout(printed):  # pyiqa announces each download on stdout
-                self.metric = pyiqa.create_metric(name, device=torch.device(options.device), **kwargs)
+                self.metric = pyiqa.create_metric(name, device=torch.device(options.device or "cpu"), **kwargs)
         except Exception as e:
             urls = _DOWNLOAD.findall(printed.getvalue())
             if not urls:
@@ -128,6 +127,8 @@ class Iqa:
     def __call__(self, batch: RewardBatch) -> RewardOutput:
         if batch.edited is None:
             raise ValueError("the iqa reward needs the edited videos")
+        if self.options.device is None:  # pyiqa runs where its parameters are
+            self.metric.to(batch.edited.device)
         edited = self._frames(batch.edited.float().clamp(0, 1))
         b, n = edited.shape[:2]
         flat = edited.flatten(0, 1)
@@ -142,6 +143,6 @@ class Iqa:
         step = self.options.batch_size
         for i in range(0, flat.shape[0], step):
             args = (flat[i : i + step],) if ref is None else (flat[i : i + step], ref[i : i + step])
-            values.append(torch.as_tensor(self.metric(*args)).detach().float().cpu().reshape(-1))
+            values.append(torch.as_tensor(self.metric(*args)).detach().float().reshape(-1))
         per_sample = torch.cat(values).reshape(b, n).mean(dim=1)
         return RewardOutput(self.sign * per_sample, per_sample.isfinite(), {"value": per_sample.tolist()})

@@ -8,28 +8,30 @@ A sample without the ground truth it needs has no score (invalid), never 0.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
 from editrl import metrics
-from editrl.policy import StrictModel
+from editrl.metrics import Metric
+from editrl.base import StrictModel
 from editrl.rewards.pixel import stack_masks
 from editrl.types import RewardBatch, RewardOutput
 
 
 class _Oracle:
+    """Scores on the batch's device, computing only the metric asked for."""
+
     class Options(StrictModel):
-        metric: Literal["psnr", "ssim"] = "ssim"
+        metric: Metric = "ssim"
 
     def __init__(self, options: Options) -> None:
         self.options = options
 
-    def _masks(self, batch: RewardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stacked masks and which samples have one."""
+    def _masks(self, batch: RewardBatch) -> torch.Tensor:
+        """The stacked masks; a sample without one is all True (the whole frame may change)."""
         assert batch.edited is not None
-        has = torch.tensor([m is not None for m in (batch.masks or [None] * len(batch))], dtype=torch.bool)
-        return stack_masks(batch.masks, batch.edited, missing=True), has
+        return stack_masks(batch.masks, batch.edited, missing=True)
 
 
 class OracleFidelity(_Oracle):
@@ -41,10 +43,12 @@ class OracleFidelity(_Oracle):
         if batch.edited is None:
             raise ValueError("oracle_fidelity needs the edited videos")
         if batch.targets is None:
-            nan = torch.full((len(batch),), float("nan"))
-            return RewardOutput(nan, torch.zeros(len(batch), dtype=torch.bool), {"error": ["no target video"] * len(batch)})
-        masks, _ = self._masks(batch)
-        values = metrics.fidelity(batch.edited.float(), batch.targets.float(), masks)[self.options.metric]
+            device = batch.edited.device
+            nan = torch.full((len(batch),), float("nan"), device=device)
+            invalid = torch.zeros(len(batch), dtype=torch.bool, device=device)
+            return RewardOutput(nan, invalid, {"error": ["no target video"] * len(batch)})
+        metric = self.options.metric
+        values = metrics.fidelity(batch.edited, batch.targets, self._masks(batch), metrics=(metric,))[metric]
         return RewardOutput(values, values.isfinite())
 
 
@@ -60,7 +64,8 @@ class OraclePreservation(_Oracle):
     def __call__(self, batch: RewardBatch) -> RewardOutput:
         if batch.edited is None or batch.sources is None:
             raise ValueError("oracle_preservation needs the edited and source videos")
-        masks, has = self._masks(batch)
-        values = metrics.preservation(batch.edited.float(), batch.sources.float(), masks)[self.options.metric]
-        errors = [None if ok else "no edit mask" for ok in has.tolist()]
-        return RewardOutput(values, values.isfinite() & has, {"error": errors})
+        metric = self.options.metric
+        values = metrics.preservation(batch.edited, batch.sources, self._masks(batch), metrics=(metric,))[metric]
+        # A missing mask is stacked all True: nothing lies outside it, so its value is NaN and invalid.
+        errors = [None if m is not None else "no edit mask" for m in (batch.masks or [None] * len(batch))]
+        return RewardOutput(values, values.isfinite(), {"error": errors})

@@ -12,29 +12,30 @@ import torch
 from torch import Tensor
 
 from editrl import metrics
-from editrl.policy import StrictModel
+from editrl.metrics import Metric
+from editrl.base import StrictModel
 from editrl.types import RewardBatch, RewardOutput
-
-Metric = Literal["psnr", "ssim"]
 
 
 def stack_masks(masks: list[Tensor | None] | None, like: Tensor, missing: bool) -> Tensor:
-    """Per-sample (T, 1, H, W) masks as one (B, T, 1, H, W) bool tensor; a missing mask is all `missing`."""
+    """Per-sample (T, 1, H, W) masks as one (B, T, 1, H, W) bool tensor on `like`'s device; a missing
+    mask is all `missing`. The masks may live on the host or on that device already."""
     b, t, _, h, w = like.shape
-    out = torch.full((b, t, 1, h, w), missing, dtype=torch.bool)
+    out = torch.full((b, t, 1, h, w), missing, dtype=torch.bool, device=like.device)
     for i, m in enumerate(masks or []):
         if m is None:
             continue
-        m = m.bool().unsqueeze(1) if m.dim() == 3 else m.bool()  # (T, H, W) is accepted too
+        if m.dim() == 3:  # (T, H, W) is accepted too
+            m = m.unsqueeze(1)
         if tuple(m.shape) != (t, 1, h, w):
             raise ValueError(f"mask {i} has shape {tuple(m.shape)}, the videos need ({t}, 1, {h}, {w})")
-        out[i] = m
+        out[i] = m.to(like.device).bool()
     return out
 
 
 def score(metric: Metric, a: Tensor, b: Tensor, region: Tensor | None) -> Tensor:
-    fn = metrics.psnr if metric == "psnr" else metrics.ssim
-    return fn(a.float(), b.float(), region)
+    """The one metric asked for, on the videos' device (SSIM costs many times PSNR: never both)."""
+    return (metrics.psnr if metric == "psnr" else metrics.ssim)(a, b, region)
 
 
 class Preservation:
@@ -85,6 +86,6 @@ class TemporalConsistency:
         if self.options.reference == "source":
             if batch.sources is None:
                 raise ValueError("temporal_consistency with reference: source needs the source videos")
-            ref = batch.sources.float()
-        values = metrics.temporal_consistency(batch.edited.float(), ref)
+            ref = batch.sources
+        values = metrics.temporal_consistency(batch.edited, ref)
         return RewardOutput(values, values.isfinite())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from editrl.policy import StrictModel
+from editrl.base import StrictModel
 from editrl.types import RewardBatch, RewardOutput
 
 

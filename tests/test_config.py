@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from editrl.config import RecipeError, bundled_recipes, derive_layout, load_recipe, parse_override
+from editrl.config import RecipeError, bundled_recipes, derive_layout, parse_override
+from editrl.preflight import load_recipe
 
 
 def _base(**changes):
@@ -20,7 +21,7 @@ def _base(**changes):
 
 
 def test_bundled_recipes_validate():
-    from editrl.sft import load_sft_recipe
+    from editrl.preflight import load_sft_recipe
 
     for name, path in bundled_recipes().items():
         is_sft = "sft" in (yaml.safe_load(path.read_text()) or {})

@@ -20,7 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from editrl.config import RecipeError, load_recipe
+from editrl.config import RecipeError
+from editrl.preflight import load_recipe
 from editrl.distributed import all_gather_traffic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +90,8 @@ def _trainable(trainer: Any) -> dict[str, dict[str, torch.Tensor]]:
 
 def worker(spec_path: str) -> None:
     from editrl.checkpoint import checkpoint_root
-    from editrl.trainer import Timer, Trainer
+    from editrl.harness import Timer
+    from editrl.trainer import Trainer
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)
@@ -143,7 +145,7 @@ def _collect(trainer: Any, timer_cls: Any, gathered: bool) -> None:
 
 def launch(case: str, out: Path, nproc: int = 2) -> dict[int, list[dict[str, Any]]]:
     """Run `worker` on `nproc` ranks; returns {stage: [rank 0 dump, rank 1 dump, ...]}."""
-    from editrl.distributed import free_port
+    from editrl.base import free_port
 
     recipe, overrides, stages = CASES[case]
     out.mkdir(parents=True, exist_ok=True)
@@ -289,12 +291,12 @@ def test_resume_continues_exactly(runs: Any, stage: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
 def test_consolidated_checkpoint_edits_in_one_process(runs: Any, stage: int) -> None:
-    from editrl.checkpoint import load_policy
+    from editrl.checkpoint import load_checkpoint
     from editrl.data.base import build_dataset
     from editrl.rollout import edit_videos
 
     _, _, ranks, out = runs
-    policy, recipe = load_policy(out / f"zero{stage}" / "run" / "checkpoints" / "step_000003")
+    policy, recipe = load_checkpoint(out / f"zero{stage}" / "run" / "checkpoints" / "step_000003")
     assert recipe.distributed.backend == "deepspeed"
     for k, v in _flat(policy.trainable_state_dict()).items():
         assert torch.equal(v, _flat(ranks[stage][0]["resumed_trained"])[k]), k  # written by the resumed run

@@ -6,7 +6,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from editrl.config import load_recipe
+from editrl.preflight import load_recipe
 from editrl.data.video import read_video, write_image, write_video
 from editrl.inference import register
 from editrl.trainer import train

@@ -1,11 +1,13 @@
-"""Pixel metrics against closed forms and an independent direct computation."""
+"""Pixel metrics against closed forms, an independent direct computation and scikit-image's SSIM."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from skimage.metrics import structural_similarity
 
 from editrl import metrics
 
@@ -48,22 +50,39 @@ def test_ssim_of_constant_frames_is_the_luminance_formula():
     b = torch.full((1, 1, 3, 16, 16), 0.6)
     c1 = 0.01**2
     expected = (2 * 0.3 * 0.6 + c1) / (0.3**2 + 0.6**2 + c1)
-    assert metrics.ssim(a, b).item() == pytest.approx(expected, abs=1e-5)
+    # float32: a variance that should be 0 comes out ~1e-8, which is ~1e-5 next to C2 = 9e-4
+    assert metrics.ssim(a, b).item() == pytest.approx(expected, abs=5e-5)
+
+
+def direct_ssim(pa: torch.Tensor, pb: torch.Tensor) -> float:
+    """SSIM of one window (a square patch) straight from the definition, in float64."""
+    n = pa.shape[-1]
+    x = torch.arange(n, dtype=torch.float64) - (n - 1) / 2
+    g = torch.exp(-(x**2) / (2 * 1.5**2))
+    w = torch.outer(g, g) / torch.outer(g, g).sum()
+    pa, pb = pa.double(), pb.double()
+    mx, my = (w * pa).sum(), (w * pb).sum()
+    vx, vy = (w * (pa - mx) ** 2).sum(), (w * (pb - my) ** 2).sum()
+    cov = (w * (pa - mx) * (pb - my)).sum()
+    c1, c2 = 0.01**2, 0.03**2
+    return ((2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))).item()
 
 
 def test_ssim_map_matches_a_direct_windowed_computation():
     a, b = rand(1, 1, 1, 21, 21, seed=3), rand(1, 1, 1, 21, 21, seed=4)
     b = 0.5 * a + 0.5 * b  # correlated, so every term matters
-    x = torch.arange(11, dtype=torch.float64) - 5
-    g = torch.exp(-(x**2) / (2 * 1.5**2))
-    w = torch.outer(g, g) / torch.outer(g, g).sum()
-    pa, pb = a[0, 0, 0, 5:16, 5:16].double(), b[0, 0, 0, 5:16, 5:16].double()  # the window centred on (10, 10)
-    mx, my = (w * pa).sum(), (w * pb).sum()
-    vx, vy = (w * (pa - mx) ** 2).sum(), (w * (pb - my) ** 2).sum()
-    cov = (w * (pa - mx) * (pb - my)).sum()
-    c1, c2 = 0.01**2, 0.03**2
-    direct = (2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    assert metrics.ssim_map(a, b)[0, 0, 0, 10, 10].item() == pytest.approx(direct.item(), abs=1e-6)
+    m = metrics.ssim_map(a, b)
+    assert m.shape == (1, 1, 1, 11, 11)  # valid interior only: no padding
+    # map pixel (5, 5) is the window centred on input pixel (10, 10)
+    assert m[0, 0, 0, 5, 5].item() == pytest.approx(direct_ssim(a[0, 0, 0, 5:16, 5:16], b[0, 0, 0, 5:16, 5:16]), abs=1e-6)
+
+
+def test_frames_smaller_than_the_window_use_the_largest_odd_window_that_fits():
+    a, b = rand(1, 1, 1, 8, 9, seed=3), rand(1, 1, 1, 8, 9, seed=4)
+    m = metrics.ssim_map(a, b)
+    assert m.shape == (1, 1, 1, 2, 3)  # a 7x7 window
+    assert m[0, 0, 0, 1, 2].item() == pytest.approx(direct_ssim(a[0, 0, 0, 1:8, 2:9], b[0, 0, 0, 1:8, 2:9]), abs=1e-6)
+    assert metrics.ssim(a, b).item() == pytest.approx(m.mean().item())
 
 
 def test_ssim_falls_as_noise_grows():
@@ -126,3 +145,111 @@ def test_shape_errors_are_clear():
         metrics.ssim(torch.rand(1, 2, 3, 8, 8), torch.rand(1, 3, 3, 8, 8))
     with pytest.raises(ValueError, match="mask must be"):
         metrics.psnr(torch.rand(1, 2, 3, 8, 8), torch.rand(1, 2, 3, 8, 8), torch.ones(1, 2, 3, 8, 8, dtype=torch.bool))
+
+
+def sk_ssim_map(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """scikit-image's SSIM map of one (C, H, W) frame pair as Wang et al. define it, (H, W, C)."""
+    _, s = structural_similarity(
+        a.permute(1, 2, 0).double().numpy(),
+        b.permute(1, 2, 0).double().numpy(),
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=1.0,
+        channel_axis=-1,
+        full=True,
+    )
+    return s
+
+
+def structured(h: int, w: int, seed: int) -> torch.Tensor:
+    """(3, H, W): gradients, a sinusoid, hard-edged blocks and a disc, so flat, smooth and sharp regions all occur."""
+    g = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    blocks = ((x * 4).floor() + (y * 3).floor()) % 2
+    disc = ((x - 0.6) ** 2 + (y - 0.4) ** 2 < 0.05).float()
+    base = [0.3 + 0.4 * x, 0.5 + 0.3 * torch.sin(12 * x + 7 * y), 0.2 + 0.5 * blocks + 0.2 * disc]
+    return (torch.stack(base) + 0.02 * torch.randn(3, h, w, generator=g)).clamp(0, 1)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (45, 70), (64, 48), (11, 11)])
+@pytest.mark.parametrize("kind", ["random", "structured"])
+def test_ssim_matches_scikit_image(size, kind):
+    h, w = size
+    if kind == "random":
+        a = rand(2, 2, 3, h, w, seed=20)
+        b = (0.6 * a + 0.4 * rand(2, 2, 3, h, w, seed=21)).clamp(0, 1)
+    else:
+        a = torch.stack([torch.stack([structured(h, w, seed=s + t) for t in range(2)]) for s in (0, 5)])
+        b = (0.9 * a.roll(1, dims=-1) + 0.05).clamp(0, 1)  # shifted and toned: every SSIM term moves
+    # skimage averages the map over the interior it leaves after cropping (win - 1) / 2 = 5 pixels
+    expected = [np.mean([sk_ssim_map(a[i, t], b[i, t])[5:-5, 5:-5].mean() for t in range(2)]) for i in range(2)]
+    assert metrics.ssim(a, b).tolist() == pytest.approx(expected, abs=1e-4)
+    assert metrics.ssim_map(a, b)[1, 1].permute(1, 2, 0).numpy() == pytest.approx(sk_ssim_map(a[1, 1], b[1, 1])[5:-5, 5:-5], abs=1e-4)
+
+
+def test_masked_ssim_is_the_map_of_the_copied_frame_averaged_over_the_cropped_mask():
+    a = torch.stack([structured(40, 56, seed=1), structured(40, 56, seed=2)])[None]  # (1, 2, 3, 40, 56)
+    b = (a + 0.1 * rand(1, 2, 3, 40, 56, seed=22)).clamp(0, 1)
+    mask = torch.zeros(1, 2, 1, 40, 56, dtype=torch.bool)
+    mask[0, 0, :, 3:20, 10:50] = True  # reaches into the 5-pixel border the map does not cover
+    mask[0, 1, :, 25:38, 2:30] = True
+    copied = torch.where(mask, a, b)  # outside the region the edit is replaced by the reference
+    maps = [sk_ssim_map(copied[0, t], b[0, t])[5:-5, 5:-5] for t in range(2)]  # (H-10, W-10, C) each
+    inner = [mask[0, t, 0, 5:-5, 5:-5].numpy() for t in range(2)]
+    total = sum(m[r].sum() for m, r in zip(maps, inner))
+    count = sum(r.sum() for r in inner) * 3
+    assert metrics.ssim(a, b, mask).item() == pytest.approx(total / count, abs=1e-4)
+    # a region that lies entirely in the uncovered border has no SSIM
+    border = torch.zeros_like(mask)
+    border[..., :5, :] = True
+    assert math.isnan(metrics.ssim(a, b, border).item())
+
+
+def test_psnr_pools_the_error_over_the_clip_before_the_log():
+    a = rand(1, 2, 3, 8, 8, seed=23) * 0.8
+    b = a.clone()
+    b[:, 1] += 0.1  # frame 0 perfect (per-frame PSNR: max), frame 1 at 20 dB
+    assert metrics.psnr(a, b).item() == pytest.approx(10 * math.log10(1 / 0.005), abs=1e-3)  # 23.01 dB, not (100 + 20) / 2
+
+
+def test_fidelity_and_preservation_compute_only_the_metrics_asked_for(monkeypatch):
+    source = rand(2, 3, 3, 16, 16, seed=24)
+    target = rand(2, 3, 3, 16, 16, seed=25)
+    mask = rand(2, 3, 1, 16, 16, seed=26) > 0.5
+    both = metrics.fidelity(source, target, mask)
+    assert set(both) == {"psnr", "ssim"}
+
+    def no_ssim(*args, **kwargs):
+        raise AssertionError("SSIM computed but not asked for")
+
+    monkeypatch.setattr(metrics, "ssim_map", no_ssim)
+    fid = metrics.fidelity(source, target, mask, metrics=("psnr",))
+    assert list(fid) == ["psnr"] and torch.equal(fid["psnr"], both["psnr"])
+    assert list(metrics.preservation(source, target, mask, metrics=["psnr"])) == ["psnr"]
+    with pytest.raises(ValueError, match="unknown metric"):
+        metrics.fidelity(source, target, mask, metrics=("lpips",))
+    with pytest.raises(ValueError, match="needs the edit mask"):
+        metrics.preservation(source, target, None)  # type: ignore[arg-type]
+
+
+def test_metrics_follow_the_inputs_dtype_and_device():
+    a, b = rand(2, 3, 3, 16, 20, seed=27), rand(2, 3, 3, 16, 20, seed=28)
+    mask = rand(2, 3, 1, 16, 20, seed=29) > 0.5
+    ref = {**metrics.fidelity(a, b, mask), "temporal": metrics.temporal_consistency(a, b)}
+    assert all(v.dtype == torch.float32 for v in ref.values())
+    # half precision in, float32 maths and scores out
+    half = {**metrics.fidelity(a.bfloat16(), b.bfloat16(), mask), "temporal": metrics.temporal_consistency(a.bfloat16(), b.bfloat16())}
+    rounded = {**metrics.fidelity(a.bfloat16().float(), b.bfloat16().float(), mask)}
+    assert all(v.dtype == torch.float32 for v in half.values())
+    assert torch.equal(half["psnr"], rounded["psnr"]) and torch.equal(half["ssim"], rounded["ssim"])
+    # the meta device has no data: any host sync (.item(), bool(tensor)) or tensor made on the CPU fails there
+    meta = [t.to("meta") for t in (a, b, mask)]
+    on_meta = [
+        *metrics.fidelity(*meta).values(),
+        *metrics.preservation(*meta).values(),
+        metrics.temporal_consistency(meta[0], meta[1]),
+        metrics.temporal_consistency(meta[0]),
+        metrics.temporal_consistency(meta[0][:, :1]),
+    ]
+    assert all(v.device.type == "meta" and v.shape == (2,) for v in on_meta)

@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from editrl.commands import register
-from editrl.config import load_recipe
+from editrl.preflight import load_recipe
 from editrl.policies.viva.policy import VivaOptions, VivaPolicy
 from editrl.sweep import expand, load_spec, run_sweep
 

@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from editrl import judge as judge_cmd
-from editrl.config import load_recipe
+from editrl.preflight import load_recipe
 from editrl.data.manifest import write_manifest, write_sample
 from editrl.types import EditSample
 

@@ -15,7 +15,8 @@ import httpx2
 import pytest
 import torch
 
-from editrl.config import RecipeError, load_recipe
+from editrl.config import RecipeError
+from editrl.preflight import load_recipe
 from editrl.reward import build_reward
 from editrl.rewards.vlm_judge import Aesthetics, Fidelity, JudgeOptions, JudgeUnavailable, Preservation
 from editrl.rewards.vlm_judge.scoring import expected_score, parse_integer, read_score, score_tokens

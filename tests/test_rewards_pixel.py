@@ -111,3 +111,74 @@ def test_reward_set_scores_pixel_rewards_together():
     assert rs.needs == {"source", "edited", "mask"}
     out = rs.score(RewardBatch(["x", "y"], edited=src, sources=src))
     assert out["pres"].scores.tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+
+
+PSNR_REWARDS = [
+    ("oracle_fidelity", {"metric": "psnr"}),
+    ("oracle_preservation", {"metric": "psnr"}),
+    ("pixel_preservation", {"metric": "psnr"}),
+    ("temporal_consistency", {"reference": "source"}),
+]
+ALL_REWARDS = [*PSNR_REWARDS, ("oracle_fidelity", {"metric": "ssim"}), ("oracle_preservation", {"metric": "ssim"}), ("pixel_preservation", {})]
+
+
+def full_batch(dtype: torch.dtype = torch.float32, device: str = "cpu", mask_device: str = "cpu") -> RewardBatch:
+    src, target = videos(seed=0), videos(seed=5)
+    mask = box_mask()
+    edited = edit_inside(src, mask, seed=2)
+    return RewardBatch(
+        ["x", "y"],
+        edited=edited.to(device, dtype),
+        sources=src.to(device, dtype),
+        targets=target.to(device, dtype),
+        masks=[mask.to(mask_device), None],
+    )
+
+
+def test_a_psnr_reward_does_not_compute_ssim(monkeypatch):
+    from editrl import metrics
+
+    def no_ssim(*args, **kwargs):
+        raise AssertionError("SSIM computed for a PSNR reward")
+
+    monkeypatch.setattr(metrics, "ssim_map", no_ssim)
+    for name, options in PSNR_REWARDS:
+        assert build_reward(name, options)(full_batch()).scores.shape == (2,), name
+    with pytest.raises(AssertionError, match="SSIM computed"):
+        build_reward("oracle_fidelity", {"metric": "ssim"})(full_batch())
+
+
+@pytest.mark.parametrize("name,options", ALL_REWARDS)
+def test_rewards_score_on_the_batch_device_in_float32(name, options):
+    reward = build_reward(name, options)
+    ref = reward(full_batch())
+    assert ref.scores.dtype == torch.float32 and ref.valid.any()
+    # bfloat16 videos are scored in float32 maths: the same scores as their float32 copies
+    half = full_batch(torch.bfloat16)
+    upcast = RewardBatch(half.instructions, half.edited.float(), half.sources.float(), half.targets.float(), masks=half.masks)
+    out, expected = reward(half), reward(upcast)
+    assert out.scores.dtype == torch.float32
+    assert torch.equal(out.valid, expected.valid) and torch.equal(out.scores[out.valid], expected.scores[expected.valid])
+    # On the meta device (no data) any host sync or tensor made on the CPU fails: the scores stay where the
+    # videos are, whether the masks are still on the host or already there.
+    for mask_device in ("cpu", "meta"):
+        out = reward(full_batch(device="meta", mask_device=mask_device))
+        assert out.scores.device.type == "meta" and out.valid.device.type == "meta" and out.scores.shape == (2,)
+
+
+def test_stack_masks_builds_on_the_videos_device():
+    from editrl.rewards.pixel import stack_masks
+
+    like = torch.empty(2, 3, 3, 16, 16, device="meta")
+    stacked = stack_masks([box_mask(), None], like, missing=True)
+    assert stacked.device.type == "meta" and stacked.dtype == torch.bool and stacked.shape == (2, 3, 1, 16, 16)
+    on_cpu = stack_masks([box_mask()[:, 0].float(), None], torch.empty(2, 3, 3, 16, 16), missing=False)  # (T, H, W) float
+    assert torch.equal(on_cpu[0], box_mask()) and not on_cpu[1].any()
+
+
+def test_oracle_rewards_without_ground_truth_stay_on_the_batch_device():
+    b = RewardBatch(["x", "y"], edited=videos().to("meta"), sources=videos().to("meta"), masks=[box_mask(), None])
+    fid = build_reward("oracle_fidelity", {})(b)
+    assert fid.scores.device.type == "meta" and fid.extras["error"] == ["no target video"] * 2
+    pres = build_reward("oracle_preservation", {})(b)
+    assert pres.scores.device.type == "meta" and pres.extras["error"] == [None, "no edit mask"]

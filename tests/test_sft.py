@@ -5,12 +5,16 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from editrl.config import RecipeError, load_recipe
+from editrl.config import RecipeError
+from editrl.preflight import load_recipe
 from editrl.data.base import build_dataset
 from editrl.data.video import read_video, write_video
-from editrl.inference import load_checkpoint, register
+from editrl.checkpoint import load_checkpoint
+from editrl.inference import register
 from editrl.monitor import read_metrics
-from editrl.sft import SftConfig, SftTrainer, load_sft_recipe, sample_sigmas
+from editrl.sft import SftTrainer, sample_sigmas
+from editrl.config import SftConfig
+from editrl.preflight import load_sft_recipe
 from editrl.trainer import Trainer
 
 

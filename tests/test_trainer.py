@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from editrl.checkpoint import find_checkpoint, load_policy
-from editrl.config import load_recipe
+from editrl.checkpoint import find_checkpoint, load_checkpoint
+from editrl.preflight import load_recipe
 from editrl.monitor import read_metrics
 from editrl.trainer import Trainer, TrainingError, train
 
@@ -105,7 +105,7 @@ def test_checkpoint_contents_and_reload(toy_overrides):
     assert set(state) >= {"backend", "torch_rng"}
     assert json.loads((ckpt / "state.json").read_text())["cursor"] == 4
     assert (run / "recipe.yaml").is_file() and any((run / "tensorboard").iterdir())
-    policy, _ = load_policy(run)
+    policy, _ = load_checkpoint(run)
     trainer = Trainer(load_recipe("toy", toy_overrides + ["train.steps=2"]), resume=True)
     x = torch.randn(2, 3, 2, 8, 8)
     cond = policy.encode([trainer.train_data[0], trainer.train_data[1]])

@@ -2,8 +2,8 @@
 
 import torch
 
-from editrl.checkpoint import find_checkpoint, load_policy
-from editrl.config import load_recipe
+from editrl.checkpoint import find_checkpoint, load_checkpoint
+from editrl.preflight import load_recipe
 from editrl.monitor import read_metrics
 from editrl.trainer import Trainer
 
@@ -43,7 +43,7 @@ def test_viva_tiny_recipe_trains_encodes_once_per_request_and_reloads(tmp_path):
     assert any(not torch.equal(before[n], after[n]) for n in before)  # the LoRA moved
     assert any(not torch.equal(a, b) for a, b in zip(refiner_before, policy.refiner.parameters()))
 
-    loaded, saved = load_policy(run)
+    loaded, saved = load_checkpoint(run)
     assert find_checkpoint(run).name == "step_000002" and saved.policy.name == "viva"
     sample = trainer.train_data[0]
     cond = policy.encode([sample])

@@ -222,3 +222,22 @@ def test_one_vlm_call_per_encode_even_with_guidance():
     p.encode(samples(3, refs=(True, False)))
     assert rows == [6]  # 3 requests + their 3 null prompts, in one call
     assert vae_batches == [(3, 3, 5), (2, 3, 1)]  # 3 source videos, then the 2 reference images
+
+
+def test_decode_in_chunks_and_in_bfloat16():
+    """Chunked decoding bounds memory without changing a pixel; bf16 decoding stays close to float32."""
+    whole, chunked, low = viva(decode_chunk=8), viva(decode_chunk=3), viva(decode_dtype="bfloat16")
+    x0 = torch.randn(5, 16, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = whole.decode(x0)
+    assert ref.shape == (5, 5, 3, 32, 32) and ref.dtype == torch.float32
+    assert torch.allclose(chunked.decode(x0), ref, atol=1e-6)
+    half = low.decode(x0)
+    assert half.dtype == torch.float32 and 0 < (half - ref).abs().max() < 0.05
+
+
+def test_token_counts_are_host_side_and_bound_the_refiner():
+    p = viva()
+    cond = p.encode(samples(2))
+    assert cond["counts"].device.type == "cpu"
+    assert torch.equal(cond["counts"], cond["mask"].sum(1).cpu())
+    assert int(cond["counts"].max()) < 32  # the refiner runs on fewer tokens than text_len

@@ -47,7 +47,11 @@ def synth(
     generator: str = typer.Option("procedural", "--generator", help="a registered pair generator"),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="processes (default: automatic)"),
 ) -> None:
-    """Synthesise paired edit data: source and target videos, instructions, masks, reference images."""
+    """Synthesise paired edit data: source and target videos, instructions, masks, reference images.
+
+    Example:
+      editrl data synth --out data/synth --n 1000 --seed 0
+    """
     from editrl.commands import console
 
     def go() -> None:
@@ -64,7 +68,11 @@ def check(
     data: Path = typer.Argument(..., help="a data folder, or its manifest.jsonl"),
     on_error: OnError = typer.Option("skip", "--on-error", help="skip: list every bad row; fail: stop at the first"),
 ) -> None:
-    """Check a manifest: every row's keys, instruction and media files, reported with line numbers."""
+    """Check a manifest: every row's keys, instruction and media files, reported with line numbers.
+
+    Example:
+      editrl data check data/my_edits
+    """
     from editrl.commands import console
 
     def go() -> None:
@@ -110,7 +118,14 @@ def evaluate_command(
     on_error: OnError = typer.Option("fail", "--on-error", help="bad manifest rows: fail, or skip them"),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
-    """Benchmark a checkpoint on held-out data: oracle fidelity/preservation/temporal per category."""
+    """Benchmark a checkpoint on held-out data: oracle fidelity/preservation/temporal per category.
+
+    Writes results.md, results.csv, samples.csv and a frame grid (grid.png) to --out. The end of `editrl train`
+    prints this command for the run's held-out split.
+
+    Example:
+      editrl eval --checkpoint runs/quickstart/grpo --data data/synth_test
+    """
     from editrl.commands import console
 
     def go() -> None:

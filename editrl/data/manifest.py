@@ -29,7 +29,7 @@ import torch
 from pydantic import Field, ValidationError, field_validator
 
 from editrl.data.video import MediaError, read_image, read_video, write_image, write_video
-from editrl.policy import StrictModel
+from editrl.base import StrictModel
 from editrl.types import EditSample
 
 MANIFEST_NAME = "manifest.jsonl"

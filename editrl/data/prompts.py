@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import model_validator
 
-from editrl.policy import StrictModel
+from editrl.base import StrictModel
 from editrl.types import EditSample
 
 

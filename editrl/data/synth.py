@@ -34,6 +34,7 @@ import os
 import shutil
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
@@ -42,8 +43,9 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
+from editrl import monitor
 from editrl.data.manifest import MANIFEST_NAME, ManifestDataset, ManifestRow, write_manifest, write_sample
-from editrl.policy import StrictModel
+from editrl.base import StrictModel
 from editrl.registry import Registry, RegistryError, did_you_mean
 from editrl.types import EditSample
 
@@ -599,10 +601,12 @@ def synthesize(
     generator: str = "procedural",
     workers: int | None = None,
     progress: bool = True,
+    bar: monitor.Bar | None = None,
 ) -> Path:
     """Generate `n` samples (ops taken in turn, so categories are balanced) into `out`; the manifest path.
 
-    The same arguments give a byte-identical manifest and media, whatever `workers` is.
+    The same arguments give a byte-identical manifest and media, whatever `workers` is. Progress shows on its own
+    bar, or advances `bar` (one bar for several datasets).
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
@@ -623,14 +627,11 @@ def synthesize(
     chunks = [items[i : i + chunk] for i in range(0, n, chunk)]
     rows: dict[int, dict[str, Any]] = {}
 
-    from rich.progress import Progress
-
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"synthesising {n} samples", total=n)
+    with nullcontext(bar) if bar is not None else monitor.progress("synthetic data", n, enabled=progress) as live:
         if workers == 1:
             for c in chunks:
                 rows.update(_make_chunk(spec, c))
-                bar.advance(task, len(c))
+                live.update(advance=len(c))
         else:
             import multiprocessing as mp
 
@@ -639,7 +640,7 @@ def synthesize(
                 futures = {pool.submit(_make_chunk, spec, c): len(c) for c in chunks}
                 for fut in as_completed(futures):
                     rows.update(fut.result())
-                    bar.advance(task, futures[fut])
+                    live.update(advance=futures[fut])
     return write_manifest(out, [ManifestRow(**rows[i]) for i in range(n)])
 
 
@@ -686,7 +687,7 @@ class SyntheticDataset:
 
     def __init__(self, options: Options) -> None:
         options.check()
-        self.folder = ensure_synthetic(options)
+        self.folder = ensure_synthetic(options)[0]
         self.data = ManifestDataset(ManifestDataset.Options(path=str(self.folder), max_frames=options.max_frames))
 
     def __len__(self) -> int:
@@ -700,24 +701,43 @@ class SyntheticDataset:
         return self.data.categories
 
 
-def ensure_synthetic(options: SyntheticDataset.Options, progress: bool = True) -> Path:
-    """The cached folder for these options, generated first if needed.
+def prepare_synthetic(*recipes: Any) -> None:
+    """Make every synthetic dataset these recipes read, in one "synthetic data" phase (a job's SFT warm start and
+    its GRPO run read several)."""
+    sources = [d for r in recipes for d in (r.data.train, r.data.eval) if d is not None and d.kind == "synthetic"]
+    if sources:
+        ensure_synthetic(*[SyntheticDataset.Options.model_validate(d.options) for d in sources])
+
+
+def ensure_synthetic(*options: SyntheticDataset.Options) -> list[Path]:
+    """The cached folders for these options; the missing ones are generated first, under one progress bar.
 
     Generation goes to a private temporary folder that is renamed into place when complete, so an
     interrupted run leaves nothing half-written and concurrent ranks cannot read a partial folder.
     """
-    folder = options.folder()
-    if (folder / MANIFEST_NAME).is_file():
-        return folder
+    folders = [o.folder() for o in options]
+    todo = {f: o for o, f in zip(options, folders) if not (f / MANIFEST_NAME).is_file()}
+    where = ", ".join(sorted({str(f.parent) for f in folders}))
+    if not todo:
+        monitor.skipped("data", f"cached in {where}")
+        return folders
+    total = sum(o.n for o in todo.values())
+    monitor.announce("data", f"{total} pairs ({', '.join(f'{o.split} {o.n}' for o in todo.values())}) into {where}")
+    with monitor.progress("synthetic data", total) as bar:
+        for folder, o in todo.items():
+            _generate(folder, o, bar)
+    return folders
+
+
+def _generate(folder: Path, options: SyntheticDataset.Options, bar: monitor.Bar) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     synthesize(tmp, options.n, options.seed, options.ops, options.frames, tuple(options.size), options.split,
-               options.generator, progress=progress)
+               options.generator, bar=bar)
     try:
         tmp.rename(folder)
     except OSError:  # another process finished first: its folder is identical
         shutil.rmtree(tmp, ignore_errors=True)
         if not (folder / MANIFEST_NAME).is_file():
             raise
-    return folder

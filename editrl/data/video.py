@@ -8,8 +8,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from editrl.base import EditrlError
 
-class MediaError(ValueError):
+
+class MediaError(EditrlError, ValueError):
     """A media file that is missing, unreadable or empty; the message names the file."""
 
 

@@ -11,7 +11,8 @@ import zlib
 import torch
 from torch import Tensor, nn
 
-from editrl.policy import LoraPolicy, StrictModel
+from editrl.base import StrictModel
+from editrl.policy import LoraPolicy
 from editrl.types import Condition, EditSample
 
 

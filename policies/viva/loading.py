@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from editrl.config import RecipeError
+from editrl.base import RecipeError
 
 T = TypeVar("T")
 # "org/name", or "org/name/sub/folder" for one component of a hub repo (e.g. a diffusers pipeline's transformer/).

@@ -5,6 +5,14 @@ source frame and the reference image; the VAE on the source video and the refere
 that condition for the group. The trainable refiner runs inside `velocity`, so GRPO and SFT gradients reach it.
 The DiT sees the noisy latent fused with the source latent (`add`: summed, the paper; `concat`: stacked on
 channels) and, with `use_reference`, the reference latent as one extra leading frame.
+
+The policy is one piece of code for every backbone. What differs between DiT families (`options.backbone`: wan,
+hunyuan_video) lives in an adapter in backbones.py, what differs between VLM families (`options.vlm_family`:
+qwen2_5_vl, qwen3_vl, llava) in an adapter in vlms.py. Adding a DiT family is one adapter class (its diffusers
+classes, latent geometry and statistics, refiner width, pooled width, LoRA targets, patch embedding and the DiT
+call), registered in `backbones.BACKBONES` and the `backbone` option, plus a tiny random preset in presets.py
+(a config, a builder and a cache directory); a VLM family is the same in vlms.py. The tests of the new pair then
+run SFT, Edit-GRPO, checkpoints and `editrl edit` on its preset.
 """
 
 from __future__ import annotations
@@ -18,10 +26,12 @@ from pydantic import Field, model_validator
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from editrl.config import RecipeError
-from editrl.policy import LoraOptions, LoraPolicy, StrictModel
+from editrl.base import RecipeError, StrictModel
+from editrl.config import LoraOptions
+from editrl.policy import LoraPolicy
 from editrl.types import Condition, EditSample
 
+from .backbones import BACKBONES
 from .instructor import DEFAULT_SYSTEM_PROMPT, Family, Instructor, truncate
 from .loading import check, load, missing
 from .refiner import TokenRefiner, pad_tokens
@@ -29,11 +39,12 @@ from .refiner import TokenRefiner, pad_tokens
 
 class VivaOptions(StrictModel):
     preset: Literal["tiny"] | None = None  # tiny random models (CPU tests); explicit paths below override its parts
-    vlm: str | None = None  # directory or hub id of a Qwen2.5-VL / Qwen3-VL checkpoint
+    backbone: Literal["wan", "hunyuan_video"] = "wan"  # the DiT/VAE family (backbones.py)
+    vlm: str | None = None  # directory or hub id of a Qwen2.5-VL / Qwen3-VL / LLaVA checkpoint
     vlm_family: Family = "qwen2_5_vl"
-    dit: str | None = None  # a WanTransformer3DModel directory (a diffusers repo's `transformer` folder)
-    vae: str | None = None  # an AutoencoderKLWan directory (a diffusers repo's `vae` folder)
-    hidden_layer: int = -1  # which VLM hidden states condition the DiT (-1: the last layer)
+    dit: str | None = None  # the backbone's DiT directory (a diffusers repo's `transformer` folder)
+    vae: str | None = None  # the backbone's VAE directory (a diffusers repo's `vae` folder)
+    hidden_layer: int | None = None  # which VLM hidden states condition the DiT (None: Qwen-VL -1, LLaVA -3)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     crop_system: bool = True  # drop the system prompt's tokens (identical for every request)
     image_min_pixels: int | None = None  # VLM image resizing bounds; None: the checkpoint's preprocessor config
@@ -44,9 +55,12 @@ class VivaOptions(StrictModel):
     fusion: Literal["add", "concat"] = "add"
     use_reference: bool = True  # reserve a reference latent frame (zeros for requests without a reference image)
     guidance_scale: float = Field(1.0, ge=1.0)  # > 1: classifier-free guidance against the empty instruction
+    embedded_guidance: float = Field(6.0, ge=0.0)  # guidance-distilled DiTs (HunyuanVideo T2V): its guidance input
     trainable: list[Literal["refiner", "dit"]] = Field(default_factory=lambda: ["refiner"])  # trained fully
     gradient_checkpointing: bool = False
     init_seed: int = 0  # seed of the refiner's random initialisation
+    decode_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: a faster VAE decode (rewards see its pixels)
+    decode_chunk: int = Field(4, ge=1)  # clips per VAE decode call: bounds decode memory at video sizes
 
     @model_validator(mode="after")
     def _weights_given(self) -> VivaOptions:
@@ -58,12 +72,9 @@ class VivaOptions(StrictModel):
 
 class VivaPolicy(LoraPolicy):
     Options = VivaOptions
-    default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
     dit_prefix = "dit."
 
     def __init__(self, options: VivaOptions, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> None:
-        from diffusers import AutoencoderKLWan, WanTransformer3DModel
-
         super().__init__()
         self.options, self.device, self.dtype = options, device, dtype
         self.guidance_scale = options.guidance_scale
@@ -71,18 +82,21 @@ class VivaPolicy(LoraPolicy):
         if options.preset == "tiny":
             from .presets import tiny_paths
 
-            tiny = tiny_paths(options.vlm_family)
+            tiny = tiny_paths(options.vlm_family, options.backbone)
             paths = {k: v or tiny[k] for k, v in paths.items()}
         self.instructor = Instructor(
             paths["vlm"], options.vlm_family, hidden_layer=options.hidden_layer, system_prompt=options.system_prompt,
             crop_system=options.crop_system, min_pixels=options.image_min_pixels, max_pixels=options.image_max_pixels,
             device=device, dtype=dtype,
         )
+        family = BACKBONES[options.backbone]
+        dit_cls, vae_cls = family.classes()
         # The VAE stays in float32: it is frozen, and its latents feed every step.
-        self.vae = load("vae", "AutoencoderKLWan", paths["vae"], AutoencoderKLWan.from_pretrained)
+        self.vae = load("vae", family.vae_class, paths["vae"], vae_cls.from_pretrained)
         self.vae.to(device).eval().requires_grad_(False)
-        self.denoiser = load("dit", "WanTransformer3DModel", paths["dit"], WanTransformer3DModel.from_pretrained, torch_dtype=dtype)
-        z = self.vae.config.z_dim
+        self.denoiser = load("dit", family.dit_class, paths["dit"], dit_cls.from_pretrained, torch_dtype=dtype)
+        self.backbone = family(self.denoiser, self.vae, options)
+        z = self.backbone.latent_channels
         check("dit", self.denoiser.config.out_channels == z, f"the DiT predicts {self.denoiser.config.out_channels} channels, the VAE has {z}")
         if options.fusion == "concat" and self.denoiser.config.in_channels == z:
             self._widen_patch_embedding(2 * z)
@@ -92,20 +106,21 @@ class VivaPolicy(LoraPolicy):
         self.denoiser.to(device).requires_grad_("dit" in options.trainable)
         if options.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
-        text_dim = self.denoiser.config.text_dim
+        text_dim = self.backbone.text_dim
         heads = options.refiner_heads or max(1, text_dim // 128)
         check("refiner_heads", text_dim % heads == 0, f"the DiT text width {text_dim} does not split into {heads} heads")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(options.init_seed)
-            self.refiner = TokenRefiner(self.instructor.hidden_size, text_dim, options.refiner_layers, heads)
+            self.refiner = TokenRefiner(
+                self.instructor.hidden_size, text_dim, options.refiner_layers, heads, pooled_dim=self.backbone.pooled_dim
+            )
         self.refiner.to(device).requires_grad_("refiner" in options.trainable)
         self.extra_trainable = {"refiner": self.refiner}  # always saved: its random init is not in any checkpoint
         self.dit_in_checkpoint = "dit" in options.trainable  # save the full DiT too (trained, or loaded from one)
-        stats = self.vae.config
-        self.latents_mean = torch.tensor(stats.latents_mean, device=device).view(1, z, 1, 1, 1)
-        self.latents_std = torch.tensor(stats.latents_std, device=device).view(1, z, 1, 1, 1)
-        self.frame_step = self.vae.config.scale_factor_temporal
-        self.size_step = self.vae.config.scale_factor_spatial * self.denoiser.config.patch_size[1]
+        self.latents_mean = torch.tensor(self.backbone.latents_mean, device=device).view(1, z, 1, 1, 1)
+        self.latents_std = torch.tensor(self.backbone.latents_std, device=device).view(1, z, 1, 1, 1)
+        self.frame_step = self.backbone.frame_step
+        self.size_step = self.backbone.size_step
 
     @classmethod
     def preflight(cls, options: VivaOptions) -> list[str]:
@@ -115,13 +130,15 @@ class VivaPolicy(LoraPolicy):
 
     def _widen_patch_embedding(self, channels: int) -> None:
         """Concat fusion on a text-to-video DiT: new input channels start at zero (InstructPix2Pix's recipe)."""
-        old = self.denoiser.patch_embedding
+        parent_name, _, name = self.backbone.patch_embedding.rpartition(".")
+        parent = self.denoiser.get_submodule(parent_name)
+        old = getattr(parent, name)
         new = nn.Conv3d(channels, old.out_channels, old.kernel_size, old.stride, dtype=old.weight.dtype)
         with torch.no_grad():
             new.weight.zero_()
             new.weight[:, : old.in_channels] = old.weight
             new.bias.copy_(old.bias)
-        self.denoiser.patch_embedding = new
+        setattr(parent, name, new)
         self.denoiser.register_to_config(in_channels=channels)
 
     # ------------------------------------------------------------------ video geometry
@@ -186,9 +203,15 @@ class VivaPolicy(LoraPolicy):
         hidden, mask = truncate(hidden, mask, self.options.text_len)
         hidden = pad_tokens(hidden, self.options.text_len)
         mask = pad_tokens(mask[..., None].float(), self.options.text_len)[..., 0].bool()
-        data = {"tokens": hidden[: len(samples)], "mask": mask[: len(samples)], "source": self._encode_pixels(sources)}
+        # Token counts on the host (one read-back per encode): `refine` needs their maximum at every denoising step.
+        counts = mask.sum(1).cpu()
+        data = {
+            "tokens": hidden[: len(samples)], "mask": mask[: len(samples)], "counts": counts[: len(samples)],
+            "source": self._encode_pixels(sources),
+        }
         if cfg:
             data["null_tokens"], data["null_mask"] = hidden[len(samples) :], mask[len(samples) :]
+            data["null_counts"] = counts[len(samples) :]
         if self.options.use_reference:
             data["reference"] = self._encode_references(refs, sources.shape[-2:], data["source"])
         return Condition(data, len(samples))
@@ -207,19 +230,22 @@ class VivaPolicy(LoraPolicy):
         return torch.randn(shape, generator=generator, device=generator.device).to(self.device, self.dtype)
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Condition) -> Tensor:
-        tokens, mask, source, ref = cond["tokens"], cond["mask"], cond["source"], cond.get("reference")
+        tokens, mask, counts = cond["tokens"], cond["mask"], cond["counts"]
+        source, ref = cond["source"], cond.get("reference")
         g = self.guidance_scale
         if g != 1.0:
             if cond.get("null_tokens") is None:
                 raise RuntimeError("guidance_scale > 1 but this condition was encoded without the null condition")
             tokens, mask = torch.cat([tokens, cond["null_tokens"]]), torch.cat([mask, cond["null_mask"]])
+            counts = torch.cat([counts, cond["null_counts"]])
             x, sigma, source = torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([source, source])
             ref = torch.cat([ref, ref]) if ref is not None else None
         timestep = sigma.to(self.device, torch.float32) * 1000
-        text = self.refine(tokens, mask, timestep)
-        v = self.denoiser(
-            self.fuse(x, source, ref).to(self.dtype), timestep=timestep, encoder_hidden_states=text.to(self.dtype), return_dict=False
-        )[0].float()
+        text = self.refine(tokens, mask, int(counts.max()), timestep)
+        pooled = self.refiner.pool(text, mask) if self.backbone.pooled_dim else None
+        v = self.backbone.predict(
+            self.denoiser, self.fuse(x, source, ref).to(self.dtype), timestep, text.to(self.dtype), mask, pooled
+        ).float()
         if ref is not None:
             v = v[:, :, 1:]
         if g != 1.0:
@@ -227,10 +253,16 @@ class VivaPolicy(LoraPolicy):
             v = v_null + g * (v_cond - v_null)
         return v
 
-    def refine(self, tokens: Tensor, mask: Tensor, timestep: Tensor) -> Tensor:
-        """The refiner on the real tokens only (exact: padding is masked), zero-padded back to text_len."""
-        n = max(1, int(mask.sum(1).max()))
-        out = self.refiner(tokens[:, :n].float(), mask[:, :n], timestep)
+    def refine(self, tokens: Tensor, mask: Tensor, longest: int, timestep: Tensor) -> Tensor:
+        """The refiner on the first `longest` tokens only (exact: padding is masked), zero-padded back to text_len.
+
+        `longest` comes from the host-side token counts, so the call reads nothing back from the device. The
+        refiner's weights stay float32 (trained with Adam); with a low-precision policy its matmuls run under autocast
+        in the policy's dtype, as the DiT's do, instead of in float32 at every denoising step.
+        """
+        n = max(1, longest)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            out = self.refiner(tokens[:, :n].float(), mask[:, :n], timestep).float()
         return pad_tokens(out, tokens.shape[1])
 
     def fuse(self, x: Tensor, source: Tensor, ref: Tensor | None) -> Tensor:
@@ -245,8 +277,14 @@ class VivaPolicy(LoraPolicy):
 
     @torch.no_grad()
     def decode(self, x0: Tensor) -> Tensor:
+        """Pixels in float32, `decode_chunk` clips per VAE call; `decode_dtype: bfloat16` runs the VAE under autocast."""
         z = x0.to(self.device, torch.float32) * self.latents_std + self.latents_mean
-        video = self.vae.decode(z).sample
+        low = self.options.decode_dtype == "bfloat16"
+        videos = []
+        for part in z.split(self.options.decode_chunk):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low):
+                videos.append(self.vae.decode(part).sample.float())
+        video = torch.cat(videos)
         return ((video.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)
 
     def encode_target(self, samples: list[EditSample]) -> Tensor:
@@ -258,7 +296,7 @@ class VivaPolicy(LoraPolicy):
     def add_lora(self, lora: LoraOptions) -> None:
         if "dit" in self.options.trainable:
             raise RecipeError("policy.options.trainable: the DiT trains either fully ('dit') or through optim.lora, not both")
-        super().add_lora(lora)
+        super().add_lora(lora if lora.targets else lora.model_copy(update={"targets": self.backbone.lora_targets}))
 
     def trainable_state_dict(self) -> dict[str, dict[str, Tensor]]:
         """LoRA + refiner, plus the full DiT when it differs from its pretrained weights (trained or loaded)."""

@@ -25,18 +25,17 @@ from typing import Any, Callable
 
 from pydantic import Field, field_validator
 
-from editrl.config import RecipeError
-from editrl.policy import StrictModel
+from editrl.base import ServiceUnavailable, StrictModel
 
 log = logging.getLogger("editrl.rewards.vlm_judge")
 
 Messages = list[dict[str, Any]]
 
 
-class JudgeUnavailable(RecipeError):
+class JudgeUnavailable(ServiceUnavailable):
     """The recipe's judge server cannot be used (unreachable, wrong key, model not served); names the URL.
 
-    A RecipeError, so the CLI reports it as one line: the fix is in the recipe's options or the server.
+    An outage, not a recipe mistake: the CLI reports it as one line, and the fix is the server or `base_urls`.
     """
 
 

@@ -1,0 +1,41 @@
+"""What every layer shares: the strict options model and the errors a user can cause or meet.
+
+An `EditrlError` is a failure whose message is the whole story for a user (a recipe typo, an occupied run
+directory, a judge server that does not answer, a file that is not a video): the command line prints it as one
+line and exits 2. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StrictModel(BaseModel):
+    """Base for every options model: unknown keys are errors (a typo must never be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class EditrlError(Exception):
+    """A failure meant for the user, worded as one line that names the thing and what to do."""
+
+
+class RecipeError(EditrlError, ValueError):
+    """A recipe problem (one line, key path first): fixed by changing the recipe or an override."""
+
+
+class TrainingError(EditrlError, RuntimeError):
+    """A run that cannot start or must stop: an occupied run directory, nothing to resume, rewards that keep failing."""
+
+
+class ServiceUnavailable(EditrlError, ConnectionError):
+    """A server the run needs (a judge) cannot be used: unreachable, wrong key, model not served; names the URL."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on now (a single-process DeepSpeed rendezvous, a local server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

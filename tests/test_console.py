@@ -1,0 +1,123 @@
+"""What `editrl train` shows a person: numbered phases, skip lines for cached results, a few numbers per line, a closing
+summary whose commands work as printed, and no third-party chatter (that goes to the run's libraries.log)."""
+
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from editrl import monitor
+
+EDITRL = Path(sys.executable).with_name("editrl")
+# Lines other libraries print when editrl loads, builds or saves models (peft -> bitsandbytes, accelerate ->
+# DeepSpeed, transformers' and tokenizers' progress bars, transformers' load report).
+NOISE = ("kernels-community", "gemm_4bit", "real_accelerator", "Setting accelerator", "[WARNING]", "Writing model shards",
+         "Loading weights", "LOAD REPORT", "UNEXPECTED", "Pre-processing sequences", "Tokenize words", "Compute merges",
+         "it/s]", "Traceback")
+TINY = ["train.steps=2", "train.eval_every=2", "train.save_every=2", "grpo.batch_size=8", "data.train.options.n=4",
+        "data.eval.options.n=4"]
+TINY_SFT = ["train.steps=2", "train.eval_every=2", "train.save_every=2", "data.train.options.n=4", "data.eval.options.n=4"]
+
+
+def run(args: list[str], cwd: Path) -> str:
+    """A command as a user runs it (wide terminal, so paths stay on one line); its console, stdout and stderr."""
+    env = {**os.environ, "COLUMNS": "250", "EDITRL_TEST_THREADS": "1"}
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    console = out.stdout + out.stderr
+    assert out.returncode == 0, console
+    return console
+
+
+def noise(console: str) -> list[str]:
+    return [line for line in console.splitlines() if any(n in line for n in NOISE)]
+
+
+@pytest.mark.slow
+def test_quickstart_console_has_phases_numbers_and_a_summary_whose_commands_work(tmp_path):
+    sft, cwd = tmp_path / "sft", tmp_path / "cwd"  # run dirs outside the working directory print whole
+    cwd.mkdir()
+    train = [str(EDITRL), "train", "quickstart", *TINY, "run.threads=1", f"policy.init_from={sft}",
+             f"policy.warm_start_overrides={json.dumps(TINY_SFT)}"]
+    first = run([*train, f"run.output_dir={tmp_path / 'run'}"], cwd)
+    assert noise(first) == []
+    for header in ("[1/5] tiny preset:", "[2/5] synthetic data:", "[3/5] SFT warm start: 2 steps",
+                   "[4/5] Edit-GRPO: 2 steps", "[5/5] held-out evaluation: 4 clips"):
+        assert header in first, first
+    lines = first.splitlines()
+    assert any(line.strip().startswith("SFT step 2/2  loss ") and "held-out loss" in line for line in lines), first
+    assert any(line.strip().startswith("Edit-GRPO step 2/2  reward ") and "held-out total" in line for line in lines), first
+    assert "train/clip_frac" not in first and "eval/oracle" not in first  # every key is in metrics.jsonl, not here
+    assert any(line.split() == ["run", "directory", str(tmp_path / "run")] for line in lines), first
+    assert (tmp_path / "run" / monitor.LIBRARY_LOG).is_file()
+
+    commands = {line.split()[1]: shlex.split(line) for line in lines if line.split()[:1] in ([str(EDITRL)], ["editrl"])}
+    assert set(commands) == {"edit", "eval", "sweep"}, first
+    edited = run(commands["edit"], cwd)
+    assert "wrote" in edited and Path(commands["edit"][commands["edit"].index("--out") + 1]).stat().st_size > 0
+    assert "results.md" in run([*commands["eval"], "--limit", "2"], cwd)
+    assert (tmp_path / "run" / "eval" / "grid.png").is_file()
+
+    again = run([*train, f"run.output_dir={tmp_path / 'again'}", "train.steps=1", "train.eval_every=null"], cwd)
+    assert noise(again) == []
+    for line in ("[1/4] tiny preset: skipped, cached in ", "[2/4] synthetic data: skipped, cached in ",
+                 f"[3/4] SFT warm start: skipped, {sft} holds a finished warm start"):
+        assert line in again, again
+
+
+def test_building_and_loading_models_keeps_library_chatter_in_the_log(tmp_path):
+    """The noisiest path, the first build of the tiny preset's VLM and DiT (save_pretrained imports DeepSpeed when it
+    is installed) and a load back, in a fresh process."""
+    code = f"""
+from pathlib import Path
+from transformers import AutoModel
+from editrl import monitor
+from editrl.policies.viva import presets
+out = Path({str(tmp_path)!r})
+with monitor.library_log(out / "libraries.log"), monitor.quiet_libraries():
+    presets._build_vlm(out / "vlm", "qwen2_5_vl")
+    presets._build_dit(out / "dit")
+    AutoModel.from_pretrained(out / "vlm")
+"""
+    console = run([sys.executable, "-c", code], tmp_path)
+    assert console.strip() == "", console
+    assert (tmp_path / "libraries.log").is_file()
+
+
+def test_quiet_libraries_reroutes_only_library_notices(tmp_path, capsys, caplog):
+    library, own = logging.getLogger("transformers.modeling_utils"), logging.getLogger("editrl.test")
+    with monitor.library_log(tmp_path / "libraries.log"), monitor.quiet_libraries(), caplog.at_level(logging.INFO):
+        library.warning("a load report")
+        logging.getLogger("DeepSpeed").warning("accelerator picked")
+        library.error("a real problem")
+        own.warning("editrl's own warning")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warnings.warn("a Python warning", UserWarning, stacklevel=1)
+    console = capsys.readouterr().err
+    log = (tmp_path / "libraries.log").read_text()
+    assert "a load report" in log and "accelerator picked" in log and "a real problem" in log
+    assert "a load report" not in console and "accelerator picked" not in console
+    assert "a real problem" in console
+    assert [r.getMessage() for r in caplog.records] == ["editrl's own warning"]  # only editrl's reached the root logger
+    assert [str(w.message) for w in caught] == ["a Python warning"]
+    library.warning("after the block")  # the library's own handlers are back
+    assert "after the block" not in (tmp_path / "libraries.log").read_text()
+
+
+def test_train_without_a_recipe_name_overrides_the_quickstart():
+    import typer
+    from typer.testing import CliRunner
+
+    from editrl.commands import register
+
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, ["train", "train.steps=3", "run.name=short", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "recipe ok: short -> runs/quickstart/grpo" in " ".join(result.output.split())
