@@ -72,7 +72,8 @@ def main() -> None:
             x = p.init_noise(cond, torch.Generator().manual_seed(0))
             sigma = torch.full((x.shape[0],), 0.5)
             timestep = sigma * 1000
-            text = p.refine(cond["tokens"], cond["mask"], timestep)
+            longest = int(cond["counts"].max())
+            text = p.refine(cond["tokens"], cond["mask"], longest, timestep)
             dit_in = p.fuse(x, cond["source"], cond.get("reference"))
             sources = torch.stack([r.source for r in requests])
             images = [[r.source[0]] + ([r.reference] if r.reference is not None else []) for r in requests]
@@ -80,7 +81,7 @@ def main() -> None:
                 "VLM encode (2 requests)": lambda: p.instructor([r.instruction for r in requests], images),
                 "VAE encode (2 sources)": lambda: p._encode_pixels(sources),
                 "encode() in all (2 requests)": lambda: p.encode(requests),
-                "refiner (8 members)": lambda: p.refine(cond["tokens"], cond["mask"], timestep),
+                "refiner (8 members)": lambda: p.refine(cond["tokens"], cond["mask"], longest, timestep),
                 "DiT forward (8 members)": lambda: p.denoiser(dit_in, timestep=timestep, encoder_hidden_states=text, return_dict=False),
                 "velocity() = refiner + DiT": lambda: p.velocity(x, sigma, cond),
                 "VAE decode (8 edits)": lambda: p.decode(x),
