@@ -84,12 +84,10 @@ def check(recipe: Recipe, check_paths: bool = True) -> None:
             continue
         cls = _lookup(DATASETS, src.kind, f"data.{split}.kind")
         if options_model(cls) is not None:
-            opts = validate_model(cls.Options, src.options, f"data.{split}.options.")
-            if check_paths and getattr(opts, "check", None) is not None:
-                try:
-                    opts.check()
-                except (ValueError, FileNotFoundError) as e:
-                    raise RecipeError(f"data.{split}.options: {e}") from None
+            validate_model(cls.Options, src.options, f"data.{split}.options.")
+    missing = _data(recipe, "") if check_paths else []
+    if missing:
+        raise RecipeError(missing[0])
     if recipe.needs_rewards and not recipe.rewards.terms:
         raise RecipeError("rewards: at least one reward is needed (see `editrl rewards` for the list)")
     keys = [t.key for t in recipe.rewards.terms]
