@@ -13,9 +13,10 @@ from pydantic import BaseModel, ConfigDict
 
 
 class StrictModel(BaseModel):
-    """Base for every options model: unknown keys are errors (a typo must never be silently ignored)."""
+    """Base for every options model: unknown keys are errors (a typo must never be silently ignored), and so are
+    NaN and infinite numbers (`optim.lr=.inf` would train nothing, silently)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class EditrlError(Exception):
@@ -39,3 +40,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class DataError(EditrlError, ValueError):
+    """Data that cannot be used as given (a manifest row, a media file, an output path); names the file and the fix."""
+
+
+class CheckpointError(EditrlError, RuntimeError):
+    """A checkpoint that cannot be used: damaged with no intact one to fall back to, or unfit for the command."""

@@ -38,7 +38,12 @@ def train(
     recipe: str = typer.Argument(DEFAULT_RECIPE, help="recipe file, or the name of a bundled recipe (`editrl recipes`)"),
     overrides: Optional[list[str]] = typer.Argument(None, help="section.field=value overrides, e.g. train.steps=5"),
     resume: bool = typer.Option(False, "--resume", help="continue from the run directory's latest checkpoint"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="start over in a run directory that has checkpoints"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="start over in a run directory that has checkpoints (they go once the new run is built)"
+    ),
+    accept_changes: bool = typer.Option(
+        False, "--accept-changes", help="with --resume: continue with a recipe that differs from the checkpoint's"
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate and resolve the recipe, list what is missing, build nothing"),
 ) -> None:
     """Train a policy with Edit-GRPO as the recipe says (default: the CPU quickstart).
@@ -52,21 +57,28 @@ def train(
       editrl train
       editrl train train.steps=20 run.output_dir=runs/short    (the quickstart, shorter)
       editrl train quickstart --resume
+      editrl train quickstart --resume train.steps=300            (a longer run: noted, not refused)
       editrl train viva_grpo --dry-run
     """
+    from editrl.base import TrainingError
     from editrl.config import derive_layout
-    from editrl.preflight import load_recipe
+    from editrl.harness import check_flags, resume_point
+    from editrl.preflight import check_reward_inputs, load_recipe
 
     def go() -> None:
         started = time.perf_counter()
+        check_flags(resume, overwrite, accept_changes)
         name, changes = recipe, overrides or []
         if "=" in name and not Path(name).exists():  # `editrl train train.steps=5`: overrides of the default recipe
             name, changes = DEFAULT_RECIPE, [name, *changes]
         rec = load_recipe(name, changes, check_paths=not dry_run)  # a dry run lists missing paths below
+        check_reward_inputs(rec)
         if dry_run:
             layout = derive_layout(rec)
             console.print(f"[green]recipe ok[/green]: {rec.run.name} -> {rec.output_dir}")
             console.print(layout.model_dump())
+            if resume:
+                resume_point(rec, accept_changes)
             from editrl.preflight import preflight
 
             problems = preflight(rec)
@@ -79,15 +91,18 @@ def train(
             return
         from editrl import monitor
         from editrl.distributed import launch_env
-        from editrl.summary import print_run_summary
+        from editrl.summary import nothing_trained, print_run_summary
         from editrl.trainer import train as run_training
 
-        rank = launch_env()[0]
+        rank, world = launch_env()[:2]
         log = rec.output_dir / (monitor.LIBRARY_LOG if rank == 0 else f"libraries.rank{rank}.log")
         with monitor.library_log(log), monitor.job(job_phases(rec, resume), shown=rank == 0):
-            run_dir = run_training(rec, resume=resume, overwrite=overwrite)
+            run_dir = run_training(rec, resume=resume, overwrite=overwrite, accept_changes=accept_changes)
         if rank == 0:
-            print_run_summary(run_dir, rec, time.perf_counter() - started, monitor.console)
+            failed = nothing_trained(run_dir, world)
+            if failed:
+                raise TrainingError(failed)
+            print_run_summary(run_dir, rec, time.perf_counter() - started, monitor.console, world)
 
     run_cli(go)
 

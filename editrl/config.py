@@ -7,7 +7,7 @@ one `RecipeError` line naming the key path (and a did-you-mean suggestion for mi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import AliasChoices, Field, ValidationError, model_validator
@@ -17,9 +17,9 @@ from editrl.registry import did_you_mean
 
 
 class LoraOptions(StrictModel):
-    rank: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
     targets: list[str] | None = None  # None: the policy's own default targets
 
 
@@ -29,7 +29,7 @@ class RunConfig(StrictModel):
     seed: int = 0
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    threads: int | None = None  # torch intra-op threads; None = torch's default
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = torch's default
 
 
 class PolicyConfig(StrictModel):
@@ -71,6 +71,12 @@ class RewardsConfig(StrictModel):
     def weights(self) -> dict[str, float]:
         return {t.key: t.weight for t in self.terms}
 
+    @model_validator(mode="after")
+    def _some_weight(self) -> "RewardsConfig":
+        if self.terms and not any(t.weight for t in self.terms):
+            raise ValueError("every reward weight is 0, so every advantage would be 0: give one a non-zero weight")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _list_shorthand(cls, v: Any) -> Any:
@@ -80,36 +86,62 @@ class RewardsConfig(StrictModel):
 class SdeWindow(StrictModel):
     """Where the SDE runs (ODE elsewhere): all steps, or a window of `size` steps (MixGRPO / Flow-GRPO-Fast)."""
 
-    size: int | None = None
+    size: int | None = Field(None, ge=1)
     position: Literal["random", "fixed", "sliding"] = "random"
-    start: int = 0  # for fixed
-    stride: int = 1  # for sliding: moves this many steps per training step
+    start: int = Field(0, ge=0)  # for fixed
+    stride: int = Field(1, ge=1)  # for sliding: moves this many steps per training step
 
 
 class SamplingConfig(StrictModel):
-    steps: int = Field(10, ge=1)
+    steps: int = Field(10, ge=2)  # the last step is deterministic: at least one SDE step needs two
     shift: float = Field(3.0, gt=0)
     sde: str = "flow_sde"
     noise_level: float = Field(0.7, ge=0)
     window: SdeWindow = Field(default_factory=SdeWindow)
-    guidance_scale: float = 1.0  # >1 turns on classifier-free guidance where the policy supports it
-    eval_steps: int | None = None  # ODE steps for evaluation/inference; None = steps
+    guidance_scale: float = Field(1.0, ge=1)  # >1 turns on classifier-free guidance where the policy supports it
+    eval_steps: int | None = Field(None, ge=1)  # ODE steps for evaluation/inference; None = steps
+    # How a `cps` step is scored: the exact Gaussian log-density, or Flow-GRPO's CPS score -mean((x - mean)^2), which
+    # drops 1/(2 std^2) (so its log-ratios are 2 std^2 times smaller): pick flow_grpo to reproduce FlowCPS training.
+    cps_logprob: Literal["exact", "flow_grpo"] = "exact"
+
+    @model_validator(mode="after")
+    def _cps_logprob_needs_cps(self) -> "SamplingConfig":
+        if self.cps_logprob != "exact" and self.sde != "cps":
+            raise ValueError(f"cps_logprob={self.cps_logprob} scores cps steps only; set sampling.sde=cps or drop it")
+        return self
+
+
+class NftOptions(StrictModel):
+    """DiffusionNFT's options (`grpo.loss: nft`, editrl.grpo.nft_loss)."""
+
+    beta: float = Field(1.0, gt=0)  # how far the implicit positive/negative velocities move from the old one
 
 
 class GrpoConfig(StrictModel):
     group_size: int = Field(4, ge=2)
     batch_size: int = Field(8, ge=2)  # samples per optimisation step, all ranks together
-    micro_batch_size: int | None = None  # samples per forward; None = group_size
+    micro_batch_size: int | None = Field(None, ge=1)  # samples per forward; None = group_size
     minibatches: int = Field(1, ge=1)  # optimiser updates per rollout batch (PPO-style; >1 makes clipping bite)
     clip_range: float = Field(1e-4, gt=0)
     beta: float = Field(0.0, ge=0)  # KL weight against the adapter-disabled reference
     adv_clip: float = Field(5.0, gt=0)
     scale: Literal["group", "batch", "none"] = "group"
-    trained_steps: int | None = None  # train this many of the SDE steps (random subset); None = all
+    trained_steps: int | None = Field(None, ge=1)  # train this many of the SDE steps (random subset); None = all
     skip_tied_groups: bool = True
     async_rewards: bool = True
     share_encode: bool = True  # encode each request once for its group (False: once per sample, as flow_grpo)
     loss: str = "ppo_clip"
+    nft: NftOptions = Field(default_factory=NftOptions)
+    # Dynamic sampling: up to this many extra groups (new requests) per step replace groups whose rewards all tie.
+    resample_tied: int = Field(0, ge=0)
+    ratio_norm: bool = False  # GRPO-Guard: centre and rescale each step's log-ratio (editrl.grpo.guard_log_ratio)
+    shuffle_advantages: bool = False  # control run: a seeded permutation of the trained advantages across the batch
+
+    @model_validator(mode="after")
+    def _ratio_norm_needs_a_ratio(self) -> "GrpoConfig":
+        if self.ratio_norm and self.loss == "nft":
+            raise ValueError("ratio_norm normalises a likelihood ratio, which loss=nft does not use; drop one")
+        return self
 
 
 class EmaConfig(StrictModel):
@@ -117,25 +149,39 @@ class EmaConfig(StrictModel):
     decay: float = Field(0.99, gt=0, lt=1)
 
 
+Beta = Annotated[float, Field(ge=0, lt=1)]  # an Adam moment decay
+
+
 class OptimConfig(StrictModel):
     lr: float = Field(1e-4, gt=0, validation_alias=AliasChoices("lr", "learning_rate"))
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_clip: float | None = 1.0
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)  # max gradient norm; None = no clipping
     warmup_steps: int = Field(0, ge=0)
     lora: LoraOptions | None = Field(default_factory=LoraOptions)
     ema: EmaConfig = Field(default_factory=EmaConfig)
+
+
+class SentinelConfig(StrictModel):
+    """The reward-hacking sentinel (editrl.sentinel); held-out metrics are named as metrics.jsonl names them, less `eval/`."""
+
+    watch: list[str] | None = None  # held-out metrics to watch; None: every oracle/* metric
+    patience: int = Field(2, ge=1)  # evaluations in a row of the reward rising while a watched metric falls
+    reward: str = "reward/weighted/mean"  # the training metric whose trend is compared
+    best: str | None = None  # keep checkpoints/best by this held-out metric (higher is better)
+    stop: bool = False  # end the run at the first alarm (after saving a checkpoint)
 
 
 class TrainConfig(StrictModel):
     steps: int = Field(20, ge=1)
     log_every: int = Field(1, ge=1)
     save_every: int = Field(10, ge=1)
-    eval_every: int | None = None
-    sample_every: int | None = None  # save source|edited videos every N steps
+    eval_every: int | None = Field(None, ge=1)
+    sample_every: int | None = Field(None, ge=1)  # save source|edited videos every N steps
     keep_checkpoints: int = Field(2, ge=1)
     progress: bool = True
+    sentinel: SentinelConfig | None = None  # off unless set (needs data.eval and eval_every)
 
 
 class DistributedConfig(StrictModel):
@@ -320,7 +366,8 @@ def validate_model(model: type[StrictModel], data: Any, prefix: str = "") -> Any
         return model.model_validate(data)
     except ValidationError as e:
         lines = [_format_error(err, model) for err in e.errors()]
-        raise RecipeError("; ".join(prefix + line for line in lines)) from None
+        # A model-level error has no field path: "data.train.options: ..." rather than "data.train.options.: ...".
+        raise RecipeError("; ".join((prefix + line).replace(".: ", ": ") for line in lines)) from None
 
 
 def parse_recipe(

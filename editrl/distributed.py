@@ -80,7 +80,7 @@ class LocalBackend:
     def prepare(self, policy: Any) -> None:
         self.params = list(policy.trainable_parameters())
         if not self.params:
-            raise ValueError("the policy has no trainable parameters (set optim.lora, or train the policy's own modules)")
+            raise RecipeError("the policy has no trainable parameters (set optim.lora, or train the policy's own modules)")
         c = self.cfg
         self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(c.warmup_steps))

@@ -11,21 +11,27 @@ preservation). With ground truth (synthetic data) it reports oracle metrics:
 
 plus the mean of any rewards given (judges included). Rows without a target get only smoothness and
 rewards; rows without a mask are scored on the whole frame for fidelity.
+
+Beside the editor stand two yardsticks (`yardsticks`), scored the same way on the same samples: `copy` returns the
+source (an editor that does nothing) and `ceiling` the target through the policy's autoencoder (the best a latent
+editor can reproduce); `gap_closed_*` is the share of the copy-to-ceiling gap that the editor closes.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from editrl import metrics
+from editrl.base import DataError
 from editrl.data.base import EditDataset
+from editrl.policy import Reconstructs
 from editrl.types import EditSample
 
 EditFn = Callable[[list[EditSample]], Tensor]
@@ -34,6 +40,8 @@ ORACLE_COLUMNS = ("fidelity_psnr", "fidelity_ssim", "preservation_psnr", "preser
 CATEGORY_ORDER = ("add", "remove", "replace", "recolor", "background", "style", "reference_add", "reference_swap", "hybrid")
 OVERALL = "overall"
 UNCATEGORISED = "uncategorised"
+YARDSTICKS = ("copy", "ceiling")  # the source returned unedited; the target through the policy's autoencoder
+GAP_COLUMNS = ("fidelity_psnr", "fidelity_ssim")  # where copying fails the edit and the ceiling bounds the editor
 
 
 @dataclass
@@ -42,10 +50,18 @@ class EvalReport:
 
     rows: list[dict[str, Any]]  # id, category, then one value per column (NaN: not applicable)
     columns: list[str]
+    yardsticks: dict[str, EvalReport] = field(default_factory=dict)  # `copy`, `ceiling` (absent: no autoencoder)
+    picks: list[tuple[EditSample, Tensor]] = field(default_factory=list)  # a few samples per category and their edits
+
+    @property
+    def yardstick_columns(self) -> list[str]:
+        if not self.yardsticks:
+            return []
+        return [f"{y}_{c}" for y in YARDSTICKS for c in ORACLE_COLUMNS] + [f"gap_closed_{c}" for c in GAP_COLUMNS]
 
     def table(self) -> list[dict[str, Any]]:
         """One row per category (benchmark order), then `overall`: n and the mean of each column over
-        the samples where it applies (`n/a` stays NaN)."""
+        the samples where it applies (`n/a` stays NaN), then the yardsticks' means and the gap closed."""
         cats = sorted({r["category"] for r in self.rows}, key=_category_key)
         groups = [(c, [r for r in self.rows if r["category"] == c]) for c in cats] + [(OVERALL, self.rows)]
         out = []
@@ -55,19 +71,33 @@ class EvalReport:
                 values = [r[col] for r in rows if not math.isnan(r[col])]
                 entry[col] = sum(values) / len(values) if values else math.nan
             out.append(entry)
+        marks = {y: {e["category"]: e for e in report.table()} for y, report in self.yardsticks.items()}
+        for entry in out if self.yardsticks else []:
+            for y in YARDSTICKS:
+                entry |= {f"{y}_{c}": marks.get(y, {}).get(entry["category"], {}).get(c, math.nan) for c in ORACLE_COLUMNS}
+            for c in GAP_COLUMNS:
+                entry[f"gap_closed_{c}"] = gap_closed(entry[c], entry[f"copy_{c}"], entry[f"ceiling_{c}"])
         return out
 
     def overall(self) -> dict[str, Any]:
         return self.table()[-1]
 
     def to_markdown(self) -> str:
-        header = ["category", "n", *self.columns]
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-        for entry in self.table():
-            cells = [f"**{entry['category']}**" if entry["category"] == OVERALL else entry["category"], str(entry["n"])]
-            cells += [_fmt(col, entry[col]) for col in self.columns]
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines) + "\n"
+        """The table; with yardsticks, a second one: each gap metric beside copy, ceiling and the gap closed."""
+        table = self.table()
+        names = [f"**{e['category']}**" if e["category"] == OVERALL else e["category"] for e in table]
+        md = _markdown(["category", "n", *self.columns],
+                       [[name, str(e["n"]), *(_fmt(c, e[c]) for c in self.columns)] for name, e in zip(names, table)])
+        if not self.yardsticks:
+            return md
+        groups = [(c, f"copy_{c}", f"ceiling_{c}", f"gap_closed_{c}") for c in GAP_COLUMNS]
+        return md + (
+            "\nYardsticks: copy = the source returned unedited, ceiling = the target through the policy's autoencoder "
+            "(n/a: it has none), gap closed = (editor - copy) / (ceiling - copy).\n\n"
+        ) + _markdown(
+            ["category", "n", *(h for c in GAP_COLUMNS for h in (c, "copy", "ceiling", "gap closed"))],
+            [[name, str(e["n"]), *(_fmt(k, e[k]) for g in groups for k in g)] for name, e in zip(names, table)],
+        )
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         """results.md (the table), results.csv (the table) and samples.csv (every sample)."""
@@ -75,7 +105,7 @@ class EvalReport:
         out.mkdir(parents=True, exist_ok=True)
         paths = {"markdown": out / "results.md", "table": out / "results.csv", "samples": out / "samples.csv"}
         paths["markdown"].write_text(self.to_markdown())
-        _write_csv(paths["table"], ["category", "n", *self.columns], self.table())
+        _write_csv(paths["table"], ["category", "n", *self.columns, *self.yardstick_columns], self.table())
         _write_csv(paths["samples"], ["id", "category", *self.columns], self.rows)
         return paths
 
@@ -84,10 +114,24 @@ def _category_key(cat: str) -> tuple[int, str]:
     return (CATEGORY_ORDER.index(cat), cat) if cat in CATEGORY_ORDER else (len(CATEGORY_ORDER), cat)
 
 
+def gap_closed(editor: float, copy: float, ceiling: float) -> float:
+    """Percent of the way from copying the source (0) to the ceiling (100); NaN where the ceiling does not beat copying."""
+    if not ceiling > copy:  # also NaN: no ceiling
+        return math.nan
+    return 100 * (editor - copy) / (ceiling - copy)
+
+
 def _fmt(column: str, value: float) -> str:
     if math.isnan(value):
         return "n/a"
+    if column.startswith("gap_closed"):
+        return f"{value:.0f}%"
     return f"{value:.2f}" if column.endswith("psnr") else f"{value:.4f}"
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows]) + "\n"
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
@@ -164,10 +208,12 @@ def evaluate(
     grid_per_category: int = 2,
     grid_frames: int = 3,
     progress: bool = True,
+    yardsticks: dict[str, EvalReport] | None = None,
 ) -> EvalReport:
     """Edit every sample (the first `limit`), score it, and write the tables and a frame grid to `out_dir`.
 
-    `rewards` is a `RewardSet` (or anything with `score(RewardBatch) -> {name: RewardOutput}`).
+    `rewards` is a `RewardSet` (or anything with `score(RewardBatch) -> {name: RewardOutput}`); `yardsticks` are
+    the reports of `yardsticks()` on the same samples, shown beside the editor's.
     """
     from rich.progress import Progress
 
@@ -184,31 +230,55 @@ def evaluate(
             edited = edit_fn(batch).detach().float()  # scored where the editor made it (the policy's device)
             expected = (len(batch), *batch[0].source.shape) if batch[0].source is not None else tuple(edited.shape)
             if tuple(edited.shape) != expected:
-                raise ValueError(
+                raise DataError(
                     f"the editor returned {tuple(edited.shape)} for {len(batch)} samples of {tuple(expected[1:])} "
                     f"(first: {batch[0].id!r}); benchmark data must have the geometry the policy produces"
                 )
             scores = oracle_scores(edited, batch)
             if rewards is not None:
                 scores |= {f"reward_{k}": v for k, v in _reward_scores(rewards, edited, batch).items()}
+            values = torch.stack([scores[c].to(edited.device, torch.float32) for c in columns], 1).tolist()  # one read
             for i, s in enumerate(batch):
                 cat = s.category or UNCATEGORISED
-                rows.append({"id": s.id, "category": cat, **{c: float(scores[c][i]) for c in columns}})
+                rows.append({"id": s.id, "category": cat, **dict(zip(columns, values[i]))})
                 if len(shown.setdefault(cat, [])) < grid_per_category:
-                    shown[cat].append((s, edited[i].cpu()))
+                    shown[cat].append((s, edited[i].clone()))  # to the host after the loop, not inside it
             bar.advance(task, len(batch))
-    report = EvalReport(rows, columns)
+    picks = [(s, e.cpu()) for cat in sorted(shown, key=_category_key) for s, e in shown[cat]]
+    report = EvalReport(rows, columns, yardsticks or {}, picks)
     if out_dir is not None:
         report.write(out_dir)
-        picks = [p for cat in sorted(shown, key=_category_key) for p in shown[cat]]
         if picks:
-            save_grid(Path(out_dir) / "grid.png", picks, grid_frames)
+            save_grid(Path(out_dir) / "grid.png", [(s, [e]) for s, e in picks], grid_frames)
     return report
 
 
-def save_grid(path: str | Path, picks: list[tuple[EditSample, Tensor]], frames: int = 3) -> Path:
-    """A PNG with one row per sample: source | edited | target, each `frames` evenly spaced frames, and
-    the reference image after them when any sample has one.
+def yardsticks(dataset: EditDataset, policy: Any = None, batch_size: int = 4, limit: int | None = None,
+               progress: bool = True) -> dict[str, EvalReport]:
+    """`copy` (the sources as the edits) and, for a policy that `Reconstructs`, `ceiling` (the targets through its
+    autoencoder), scored on the policy's device like an editor. They never change while a policy trains: score them
+    once per evaluation set. Empty for data without sources and targets."""
+    first = dataset[0] if len(dataset) else None
+    if first is None or first.source is None or first.target is None:
+        return {}
+    device = getattr(policy, "device", "cpu")
+
+    def copy(samples: list[EditSample]) -> Tensor:
+        return torch.stack([s.source for s in samples]).to(device)  # type: ignore[misc]
+
+    fns: dict[str, EditFn] = {"copy": copy}
+    if isinstance(policy, Reconstructs):
+        fns["ceiling"] = lambda samples: policy.reconstruct(
+            torch.stack([s.source if s.target is None else s.target for s in samples])  # type: ignore[misc]
+        )
+    return {name: evaluate(fn, dataset, batch_size=batch_size, limit=limit, grid_per_category=0, progress=progress)
+            for name, fn in fns.items()}
+
+
+def save_grid(path: str | Path, picks: list[tuple[EditSample, list[Tensor]]], frames: int = 3,
+              labels: Sequence[str] = ("edited",)) -> Path:
+    """A PNG with one row per sample: source | its edits (titled `labels`) | target, each `frames` evenly spaced
+    frames (one: the middle frame), and the reference image after them when any sample has one.
 
     Small videos are enlarged (nearest neighbour) so that a 32x32 benchmark is still readable.
     """
@@ -223,10 +293,13 @@ def save_grid(path: str | Path, picks: list[tuple[EditSample, Tensor]], frames: 
     fh, fw = h * scale, w * scale
     label_h, gap = 14, 6
     k = min(frames, t)
-    chosen = sorted({round(i * (t - 1) / max(k - 1, 1)) for i in range(k)})
+    chosen = [(t - 1) // 2] if k == 1 else sorted({round(i * (t - 1) / (k - 1)) for i in range(k)})
     panel_w = len(chosen) * fw
-    titles = ["source", "edited", "target"] + (["reference"] if any(s.reference is not None for s, _ in picks) else [])
-    width = 3 * panel_w + 2 * gap + (gap + fw if len(titles) == 4 else 0)
+    titles = ["source", *labels, "target"]
+    n_video = len(titles)
+    if any(s.reference is not None for s, _ in picks):
+        titles.append("reference")
+    width = n_video * (panel_w + gap) - gap + (gap + fw if len(titles) > n_video else 0)
     canvas = Image.new("RGB", (width, label_h + len(picks) * (label_h + fh)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for j, title in enumerate(titles):
@@ -236,23 +309,23 @@ def save_grid(path: str | Path, picks: list[tuple[EditSample, Tensor]], frames: 
         if image.shape[-2:] == (h, w):
             canvas.paste(Image.fromarray(to_uint8(image[None])[0]).resize((fw, fh), Image.NEAREST), (x, y))
 
-    for row, (sample, edited) in enumerate(picks):
+    for row, (sample, edits) in enumerate(picks):
         y = label_h + row * (label_h + fh)
         draw.text((2, y + 1), f"{sample.category or UNCATEGORISED} | {sample.id} | {sample.instruction}"[:160], fill=(0, 0, 0))
-        for j, video in enumerate((sample.source, edited, sample.target)):
+        for j, video in enumerate((sample.source, *edits, sample.target)):
             for n, f in enumerate(chosen):
                 if video is not None and f < video.shape[0]:
                     paste(video[f], j * (panel_w + gap) + n * fw, y + label_h)
         if sample.reference is not None:
-            paste(sample.reference, 3 * (panel_w + gap), y + label_h)
+            paste(sample.reference, n_video * (panel_w + gap), y + label_h)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
 
 
-def checkpoint_editor(checkpoint: str | Path, steps: int | None = None, seed: int = 0, device: str = "cpu") -> tuple[EditFn, Any]:
-    """An edit function backed by a trained checkpoint (GRPO or SFT), and the checkpoint's recipe.
+def checkpoint_editor(checkpoint: str | Path, steps: int | None = None, seed: int = 0, device: str = "cpu") -> tuple[EditFn, Any, Any]:
+    """An edit function backed by a trained checkpoint (GRPO or SFT), the checkpoint's recipe and its policy.
 
     Each batch gets its own seed (`seed` + a batch counter), so results do not depend on what ran before.
     """
@@ -266,7 +339,7 @@ def checkpoint_editor(checkpoint: str | Path, steps: int | None = None, seed: in
     def edit_fn(samples: list[EditSample]) -> Tensor:
         return edit_videos(policy, samples, n_steps, recipe.sampling.shift, next(counter))
 
-    return edit_fn, recipe
+    return edit_fn, recipe, policy
 
 
 def recipe_rewards(recipe: Any) -> Any:

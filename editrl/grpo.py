@@ -62,6 +62,18 @@ def tied_groups(rewards: Tensor, valid: Tensor, group_ids: Tensor, atol: float =
     return (std <= atol) | (count < 2)
 
 
+def shuffle_advantages(adv: Tensor, mask: Tensor, generator: torch.Generator) -> Tensor:
+    """The advantages of the `mask`ed samples permuted among themselves (seeded), the rest unchanged.
+
+    The control of a reward ablation (`grpo.shuffle_advantages`): updates of the same sizes that carry no reward
+    signal, so a reward-driven gain can be told apart from what any LoRA update does.
+    """
+    idx = torch.nonzero(mask).flatten()
+    out = adv.clone()
+    out[idx] = adv[idx[torch.randperm(idx.numel(), generator=generator)]]
+    return out
+
+
 def aggregate_rewards(
     scores: dict[str, Tensor],
     valid: dict[str, Tensor],
@@ -120,6 +132,55 @@ def reinforce(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_r
     ratio = torch.exp(log_prob - old_log_prob)
     approx_kl = 0.5 * ((log_prob - old_log_prob) ** 2).mean().detach()
     return LossOutput((-advantages * ratio).mean(), ratio.detach(), torch.zeros_like(ratio, dtype=torch.bool), approx_kl)
+
+
+def guard_log_ratio(sample: Tensor, mean: Tensor, old_mean: Tensor, std: Tensor) -> Tensor:
+    """(B,) GRPO-Guard's normalised log-ratio (RatioNorm, arXiv:2510.22319) of a Gaussian step N(mean, std^2).
+
+    Flow-Factory's GRPOGuardTrainer writes it s log r + mse(mean, old_mean) / (2 s), s the transition std and log r
+    the exact log-ratio averaged over elements. Expanding log r gives the form computed here,
+    mean((x - old_mean) (mean - old_mean)) / s = mean(eps (mean - old_mean)), eps the rollout's unit noise: it needs no
+    log-probability (so it is the same under either `cps_logprob`) and cancels nothing numerically.
+    Why: under the rollout's noise log r has mean -mse / (2 s^2) < 0 and std sqrt(mse / D) / s (D elements), a bias
+    and a spread that grow as s shrinks, so a fixed clip range bites unevenly across timesteps. The normalised
+    log-ratio has mean 0 and std sqrt(mse / D) at every step, and its gradient, mean(eps d mean), is s times the
+    on-policy gradient of log r: the per-timestep reweighting (low-noise steps weigh less) that comes with it.
+    """
+    d = (sample.float() - old_mean.float()) * (mean.float() - old_mean.float())
+    return d.mean(dim=tuple(range(1, d.ndim))) / std.reshape(-1)
+
+
+def nft_loss(
+    v: Tensor, v_old: Tensor, x_t: Tensor, x0: Tensor, sigma: float, advantages: Tensor, *, beta: float, adv_clip: float
+) -> LossOutput:
+    """DiffusionNFT's negative-aware loss (arXiv:2509.16117), as NVlabs/DiffusionNFT's train_nft_sd3.py computes it.
+
+    Likelihood-free: no log-probabilities and no SDE. From the rollout it needs the clean sample x0, a fresh noising
+    x_t = (1 - t) x0 + t eps and the sampling policy's velocity v_old there (`editrl.rollout.nft_inputs`). With the
+    optimality probability r = clip(A / c, -1, 1) / 2 + 1/2 (c = adv_clip), the implicit positive and negative
+    policies v+ = beta v + (1 - beta) v_old and v- = (1 + beta) v_old - beta v are regressed onto x0 through their x0
+    predictions x_t - t v+-, each squared error divided by its detached mean absolute error (adaptive weighting):
+    loss = c mean(r |x0+ - x0|^2 / w+ + (1 - r) |x0- - x0|^2 / w-) / beta.
+    """
+    dims = tuple(range(1, v.ndim))
+    r = ((advantages.float().clamp(-adv_clip, adv_clip) / adv_clip) / 2 + 0.5).clamp(0, 1)
+    v_old, x_t, x0 = v_old.float().detach(), x_t.float(), x0.float()
+
+    def weighted_error(velocity: Tensor) -> Tensor:
+        err = x_t - sigma * velocity - x0
+        weight = err.detach().abs().mean(dim=dims).clamp_min(1e-5)
+        return (err**2).mean(dim=dims) / weight
+
+    positive = weighted_error(beta * v.float() + (1 - beta) * v_old)
+    negative = weighted_error((1 + beta) * v_old - beta * v.float())
+    loss = (adv_clip * (r * positive + (1 - r) * negative) / beta).mean()
+    ones = torch.ones_like(r)
+    deviation = ((v.detach().float() - v_old) ** 2).mean()
+    return LossOutput(loss, ones, torch.zeros_like(r, dtype=torch.bool), deviation.new_zeros(()), {"nft_old_deviation": deviation})
+
+
+nft_loss.likelihood_free = True  # type: ignore[attr-defined]  # the trainer calls it with velocities, not log-probs
+LOSSES.register("nft", nft_loss)  # type: ignore[arg-type]
 
 
 def kl_to_reference(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:

@@ -3,6 +3,7 @@ run from its recipe, resumes, saves and fits it the same way for both."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections import defaultdict
@@ -11,13 +12,17 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 import torch
+import yaml
+from rich.markup import escape
 
-from editrl.base import TrainingError
+from editrl.base import RecipeError, TrainingError
 from editrl.checkpoint import find_checkpoint, load_training_state, policy_from_recipe, save_checkpoint
 from editrl.config import Recipe, dump_recipe
 from editrl.data.base import EditDataset, build_dataset
 from editrl.distributed import make_backend
-from editrl.monitor import Bar, RunLogger, announce, progress
+from editrl.monitor import Bar, RunLogger, announce, console, progress
+from editrl.preflight import device_problems
+from editrl.sentinel import Sentinel, save_best
 
 
 def derive_seed(*parts: int) -> int:
@@ -72,9 +77,22 @@ class Timer:
             self.totals[name] += time.perf_counter() - t0
 
 
+def check_flags(resume: bool, overwrite: bool, accept_changes: bool = False) -> None:
+    """Refuses flags that contradict each other, before anything is read or written."""
+    if resume and overwrite:
+        raise TrainingError("--resume continues the run and --overwrite starts it over: pass one of them")
+    if accept_changes and not resume:
+        raise TrainingError("--accept-changes lets --resume continue with a changed recipe: use it with --resume")
+
+
 def start_process(recipe: Recipe, seed: int, resume: bool, overwrite: bool = False) -> Path:
-    """What every loop does first: refuse to mix into an occupied run directory, set threads and torch's seed."""
+    """What every loop does first, before any model is built: refuse contradictory flags, a device this machine does not
+    have and mixing into an occupied run directory; set threads and torch's seed."""
     run_dir = recipe.output_dir
+    check_flags(resume, overwrite)
+    problems = device_problems(recipe)
+    if problems:
+        raise RecipeError(problems[0])
     if not resume and not overwrite and any((run_dir / "checkpoints").glob("step_*")):
         raise TrainingError(
             f"{run_dir} already holds checkpoints: continue it with --resume, or choose another run.name / "
@@ -84,6 +102,80 @@ def start_process(recipe: Recipe, seed: int, resume: bool, overwrite: bool = Fal
         torch.set_num_threads(recipe.run.threads)
     torch.manual_seed(seed)
     return run_dir
+
+
+# Outputs of a run, removed when a fresh run starts writing in its directory (so nothing of the old one mixes in).
+RUN_OUTPUTS = ("checkpoints", "tensorboard", "samples", "eval", "metrics.jsonl", "recipe.yaml", "sentinel.log",
+               "before_after.png")
+# Recipe keys a resumed run may change (with a note): when and what it logs and saves, how long it runs, where.
+RESUME_SAFE = ("run.name", "run.output_dir", "run.threads", "train.steps", "train.log_every", "train.save_every",
+               "train.eval_every", "train.sample_every", "train.keep_checkpoints", "train.progress", "train.sentinel",
+               "grpo.async_rewards", "distributed.rollout_gather")
+# Keys the checkpoint itself fixes (the model, its adapter, the optimiser's state): never changed by a resume.
+RESUME_FIXED = ("policy.name", "policy.options", "optim.lora", "optim.lr", "optim.betas", "optim.eps",
+                "optim.weight_decay", "optim.ema.enabled", "distributed.backend", "distributed.zero_stage")
+
+
+def clear_outputs(run_dir: Path) -> None:
+    """Removes a previous run's outputs; only what runs write (the directory may hold the user's own files)."""
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def flat_keys(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A recipe's leaves by key path: {"optim.lr": 0.001, "rewards.terms.0.name": "brightness", ...}."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in flat_keys(sub, f"{prefix}{key}.").items()}
+    if isinstance(tree, list) and any(isinstance(v, dict) for v in tree):
+        return {k: v for i, sub in enumerate(tree) for k, v in flat_keys(sub, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def resume_point(recipe: Recipe, accept_changes: bool, shown: bool = True) -> Path:
+    """The checkpoint `--resume` continues, once the recipe agrees with the one it was trained with.
+
+    A resumed run must be the run it continues: changed keys are refused (listed), except RESUME_SAFE ones, which
+    pass with a note, and any others `accept_changes` lets through, never RESUME_FIXED ones (the checkpoint's
+    weights and optimiser state would silently keep their old values).
+    """
+    run_dir = recipe.output_dir
+    try:
+        ckpt = find_checkpoint(run_dir)
+    except FileNotFoundError:
+        raise TrainingError(f"--resume: no checkpoint in {run_dir} to resume from (start it without --resume)") from None
+    saved = flat_keys(yaml.safe_load((ckpt / "recipe.yaml").read_text()) or {})
+    now = flat_keys(recipe.model_dump(mode="json"))
+    changed = {k: f"{json.dumps(saved.get(k))} -> {json.dumps(now.get(k))}"
+               for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)}
+
+    def under(key: str, roots: tuple[str, ...]) -> bool:
+        return any(key == r or key.startswith(r + ".") for r in roots)
+
+    def listed(keys: list[str]) -> str:
+        return ", ".join(f"{k} {changed[k]}" for k in keys)
+
+    fixed = [k for k in changed if under(k, RESUME_FIXED)]
+    if fixed:
+        raise TrainingError(
+            f"--resume: {listed(fixed)} cannot change when resuming (the checkpoint's weights and optimiser hold "
+            f"them): restore them, or start a new run from its weights with policy.init_from={ckpt}"
+        )
+    refused = [k for k in changed if not under(k, RESUME_SAFE)]
+    if refused and not accept_changes:
+        raise TrainingError(
+            f"--resume: {ckpt} was trained with a different recipe: {listed(refused)}; restore those values, or "
+            "pass --accept-changes to continue with the new ones"
+        )
+    step = json.loads((ckpt / "state.json").read_text())["step"]
+    if step > recipe.train.steps:
+        raise TrainingError(f"--resume: {ckpt} is at step {step}, past train.steps={recipe.train.steps}: raise train.steps")
+    if changed and shown:
+        console.print(f"[yellow]note[/]: resuming with changes: {escape(listed(list(changed)))}", highlight=False)
+    return ckpt
 
 
 class Harness:
@@ -98,12 +190,14 @@ class Harness:
     headline: ClassVar[dict[str, str] | None] = None  # the numbers its periodic lines show (None: RunLogger's)
     eval_phase: ClassVar[str | None] = None  # held-out evaluations announced as a phase of their own, with a progress row
 
-    def __init__(self, recipe: Recipe, resume: bool = False, overwrite: bool = False, backend: Any = None) -> None:
+    def __init__(
+        self, recipe: Recipe, resume: bool = False, overwrite: bool = False, backend: Any = None,
+        accept_changes: bool = False,
+    ) -> None:
         self.recipe = recipe
         self.backend = backend or make_backend(recipe)
         self.run_dir = start_process(recipe, self.seed(), resume, overwrite)
-        if overwrite and self.backend.is_main:
-            shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+        self.resume_from = resume_point(recipe, accept_changes, self.backend.is_main) if resume else None
         self.device = torch.device(recipe.run.device)
         self.policy = policy_from_recipe(recipe, init_from=False)
         if recipe.policy.init_from:
@@ -118,10 +212,15 @@ class Harness:
         )
         self.cursor = DataCursor(len(self.train_data), recipe.run.seed, recipe.data.shuffle)
         self.step = 0
+        self.sentinel = Sentinel(recipe.train.sentinel) if recipe.train.sentinel else None
+        if self.sentinel is not None and (self.eval_data is None or recipe.train.eval_every is None):
+            raise RecipeError("train.sentinel watches held-out evaluations: set data.eval and train.eval_every, or drop it")
+        self.stopping = False  # set by the sentinel's alarm when train.sentinel.stop
         self.build()  # before resuming: whatever it draws from torch's RNG, an uninterrupted run drew too
-        if resume:
-            self._resume()
-        elif self.backend.is_main:
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
+        elif self.backend.is_main:  # the run starts writing only now that all of it is built
+            clear_outputs(self.run_dir)
             dump_recipe(recipe, self.run_dir / "recipe.yaml")
         self.logger = RunLogger(
             self.run_dir, enabled=self.backend.is_main, start_step=self.step, log_every=recipe.train.log_every,
@@ -170,11 +269,7 @@ class Harness:
 
         return EMAModel(self.policy.trainable_parameters(), decay=self.recipe.optim.ema.decay)
 
-    def _resume(self) -> None:
-        try:
-            ckpt = find_checkpoint(self.run_dir)
-        except FileNotFoundError:
-            raise TrainingError(f"--resume: no checkpoint in {self.run_dir} to resume from") from None
+    def _resume(self, ckpt: Path) -> None:
         state, info = load_training_state(ckpt)
         with self.backend.gathered(self.policy):
             self.policy.load_trainable(ckpt)
@@ -182,6 +277,8 @@ class Harness:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["torch_rng"])
+        if self.sentinel is not None and "sentinel" in state:
+            self.sentinel.state = state["sentinel"]
         self.step = int(info["step"])
         self.cursor.position = int(info["cursor"])
 
@@ -193,6 +290,8 @@ class Harness:
             state = {"backend": self.backend.state_dict()}
             if self.ema is not None:
                 state["ema"] = self.ema.state_dict()
+            if self.sentinel is not None:
+                state["sentinel"] = self.sentinel.state
             return save_checkpoint(
                 self.run_dir, self.step, self.recipe, self.policy, state, {"cursor": self.cursor.position},
                 keep=self.recipe.train.keep_checkpoints,
@@ -216,13 +315,15 @@ class Harness:
                 held_out = bar.add("held-out evaluation", len(evals)) if evals and self.eval_phase else None
                 if 0 in evals:
                     self.logger.log(0, self._evaluate(held_out))
-                while self.step < t.steps:
+                while self.step < t.steps and not self.stopping:
                     metrics = self.train_step()
+                    if self.sentinel is not None:
+                        self.sentinel.record(metrics)
                     if self.step in evals:
                         metrics.update(self._evaluate(held_out))
                     self.logger.log(self.step, metrics)
                     self.after_step(metrics)
-                    if self.step % t.save_every == 0 or self.step == t.steps:
+                    if self.step % t.save_every == 0 or self.step == t.steps or self.stopping:
                         self.save()
                     bar.update(self.step, self.progress_note(metrics))
         finally:
@@ -232,7 +333,42 @@ class Harness:
         return self.run_dir
 
     def _evaluate(self, row: Bar | None) -> dict[str, float]:
-        out = self.evaluate()
+        out = self.backend.mean(self.evaluate())  # identical on every rank, so is what the sentinel decides
         if row is not None:
             row.update(advance=1, note=f"total {out.get('eval/total', float('nan')):.3f}")
+        if self.sentinel is not None:
+            out.update(self._watch(out))
         return out
+
+    def _watch(self, held_out: dict[str, float]) -> dict[str, float]:
+        """The sentinel's verdict on an evaluation: alarms on the console and in sentinel.log, the best weights saved,
+        the loop told to stop."""
+        assert self.sentinel is not None
+        verdict, cfg = self.sentinel.observe(self.step, held_out), self.sentinel.cfg
+        if verdict.new_best:
+            with self.backend.gathered(self.policy), self.scored_weights():
+                if self.backend.is_main:
+                    info = {"metric": cfg.best, "value": held_out[f"eval/{cfg.best}"]}
+                    save_best(self.run_dir, self.step, self.recipe, self.policy, info)
+        self.stopping = verdict.stop
+        lines = verdict.alarms + ([f"train.sentinel.stop: ending the run at step {self.step}"] if verdict.stop else [])
+        if lines and self.backend.is_main:
+            with (self.run_dir / "sentinel.log").open("a") as log:
+                log.write("".join(line + "\n" for line in lines))
+            for line in lines:
+                console.print(f"sentinel: {line}", style="bold yellow", highlight=False, markup=False)
+        return verdict.metrics
+
+    @contextmanager
+    def scored_weights(self) -> Iterator[None]:
+        """Inside, the trainable weights are the ones evaluations score: the EMA's when optim.ema is on."""
+        if self.ema is None:
+            yield
+            return
+        params = self.policy.trainable_parameters()
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)

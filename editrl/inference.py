@@ -6,10 +6,14 @@ models load inside the commands.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def video_fps(path: Path, default: float = 8.0) -> float:
@@ -18,6 +22,64 @@ def video_fps(path: Path, default: float = 8.0) -> float:
     with av.open(str(path)) as container:
         rate = container.streams.video[0].average_rate
     return float(rate) if rate else default
+
+
+def check_output(out: Path, inputs: list[Path]) -> None:
+    """Refuses, before any work, an output that would overwrite an input or cannot be written."""
+    from editrl.base import DataError
+
+    if out.suffix.lower() != ".mp4":
+        raise DataError(f"--out {out}: the edit is written as an mp4; give a path ending in .mp4")
+    for path in inputs:
+        same = os.path.normpath(out.absolute()) == os.path.normpath(path.absolute())
+        if same or (out.exists() and path.exists() and os.path.samefile(out, path)):
+            raise DataError(f"--out {out} is the input {path}: choose another path (the input would be overwritten)")
+    if out.is_dir():
+        raise DataError(f"--out {out} is a folder: give a file path ending in .mp4")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise DataError(f"--out {out}: cannot write there ({parent} is not a writable folder); choose another path")
+
+
+def training_size(recipe: Any) -> tuple[int, int] | None:
+    """(height, width) the checkpoint was trained at: its data's `size` option, else the first source clip of its
+    manifest when that is still there; None when unknown."""
+    from editrl.base import EditrlError
+    from editrl.data.manifest import load_manifest
+    from editrl.data.video import probe_video
+    from editrl.registry import DATASETS
+
+    data = recipe.data.train
+    model = getattr(DATASETS.get(data.kind), "Options", None)
+    options = model.model_validate(data.options) if model is not None else None
+    size, path = getattr(options, "size", None), getattr(options, "path", None)
+    if size:
+        return int(size[0]), int(size[1])
+    if data.kind != "manifest" or path is None:
+        return None
+    try:
+        first = load_manifest(path, check_media=False)[0]
+        _, h, w = probe_video(first.root / first.row.source)
+    except (EditrlError, OSError):
+        return None
+    return h, w
+
+
+def fit_size(video: Tensor, trained: tuple[int, int] | None) -> tuple[Tensor, str | None]:
+    """A video of over twice the training pixel count scaled down (aspect kept) to that count, and a note saying so:
+    the model saw nothing larger, and a full-HD input would run for minutes."""
+    import torch.nn.functional as F
+
+    *_, h, w = video.shape
+    if trained is None or h * w <= 2 * trained[0] * trained[1]:
+        return video, None
+    scale = (trained[0] * trained[1] / (h * w)) ** 0.5
+    h2, w2 = max(2, round(h * scale)), max(2, round(w * scale))
+    out = F.interpolate(video, size=(h2, w2), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    note = f"{h}x{w} scaled to {h2}x{w2}, the pixel count the checkpoint was trained at ({trained[0]}x{trained[1]})"
+    return out, f"{note}; --keep-size edits at {h}x{w}"
 
 
 class _Ticking:
@@ -47,10 +109,14 @@ def run_edit(
     guidance_scale: float | None = None,
     device: str = "cpu",
     note: Callable[[str], None] = print,
+    keep_size: bool = False,
 ) -> Path:
-    """Edit `video` as `instruction` says and write the result as an mp4; returns its path."""
+    """Edit `video` as `instruction` says and write the result as an mp4; returns its path.
+
+    The output path is checked first; a video larger than the training size is scaled down unless `keep_size`."""
     import torch
 
+    from editrl.base import CheckpointError
     from editrl.checkpoint import load_checkpoint
     from editrl.data.video import read_image, read_video, write_video
     from editrl.monitor import progress
@@ -58,13 +124,23 @@ def run_edit(
     from editrl.types import EditSample
 
     video, out = Path(video), Path(out)
+    check_output(out, [video, *([Path(reference)] if reference is not None else [])])
     source = read_video(video)
     ref = read_image(reference) if reference is not None else None
     policy, recipe = load_checkpoint(checkpoint, device)
+    if not getattr(policy, "edits_video", True):
+        raise CheckpointError(
+            f"{checkpoint} holds a {recipe.policy.name!r} policy, which makes videos from text and ignores a source: "
+            "`editrl edit` needs the checkpoint of an editing policy (e.g. viva)"
+        )
     if guidance_scale is not None:
         if not hasattr(policy, "guidance_scale"):
-            raise ValueError(f"policy {recipe.policy.name!r} has no guidance_scale to set")
+            raise CheckpointError(f"policy {recipe.policy.name!r} has no guidance_scale to set: drop --guidance-scale")
         policy.guidance_scale = guidance_scale
+    if not keep_size:
+        source, message = fit_size(source, training_size(recipe))
+        if message:
+            note(f"note: {message}")
     conform = getattr(policy, "conform_video", None)
     if conform is not None:
         source, message = conform(source)
@@ -85,20 +161,6 @@ def run_edit(
     return write_video(out, edited, fps=max(1, round(video_fps(video))), lossless=bool(odd))
 
 
-def _cli(fn: Callable[[], Any]) -> Any:
-    """The engine's error handling, plus input validation errors (ValueError) as one red line."""
-    from editrl.commands import console, run_cli
-
-    def guarded() -> Any:
-        try:
-            return fn()
-        except ValueError as e:
-            console.print(f"[red]error:[/red] {e}", highlight=False)
-            raise typer.Exit(2) from None
-
-    return run_cli(guarded)
-
-
 def edit(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="a checkpoint directory, or a run directory (its latest)"),
     video: Path = typer.Option(..., "--video", help="the source video"),
@@ -110,24 +172,30 @@ def edit(
     seed: int = typer.Option(0, "--seed"),
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", min=1.0, help="override the policy's CFG scale"),
     device: str = typer.Option("cpu", "--device"),
+    keep_size: bool = typer.Option(
+        False, "--keep-size", help="edit at the input's size (default: over twice the training pixel count is scaled down)"
+    ),
 ) -> None:
     """Edit a video with a trained checkpoint (GRPO or SFT) and write the result as an mp4.
 
-    The end of `editrl train` prints this command for one of the run's held-out clips.
+    The output path is checked before any work and may not be an input. A video of over twice the training pixel
+    count is scaled down to it (--keep-size keeps its size); the console says what was changed. The end of
+    `editrl train` prints this command for one of the run's held-out clips.
 
     Example:
       editrl edit --checkpoint runs/quickstart/grpo --video in.mp4 --instruction "make the square red" --out out.mp4
     """
-    from editrl.commands import console
+    from editrl.commands import console, run_cli
 
     def go() -> None:
         path = run_edit(
             checkpoint, video, instruction, out, reference=reference, steps=steps, shift=shift, seed=seed,
-            guidance_scale=guidance_scale, device=device, note=lambda msg: console.print(f"[yellow]{msg}[/yellow]", highlight=False),
+            guidance_scale=guidance_scale, device=device, keep_size=keep_size,
+            note=lambda msg: console.print(f"[yellow]{msg}[/yellow]", highlight=False),
         )
         console.print(f"[green]wrote[/green] {path}")
 
-    _cli(go)
+    run_cli(go)
 
 
 def sft(
@@ -143,7 +211,7 @@ def sft(
     Example:
       editrl sft viva_sft_tiny train.steps=50 run.output_dir=runs/my_sft
     """
-    from editrl.commands import console
+    from editrl.commands import console, run_cli
 
     def go() -> None:
         from editrl.monitor import LIBRARY_LOG, library_log
@@ -155,7 +223,7 @@ def sft(
             run_dir = SftTrainer(rec, resume=resume).fit()
         console.print(f"[green]done[/green]: {run_dir} (start GRPO from it with policy.init_from={run_dir})")
 
-    _cli(go)
+    run_cli(go)
 
 
 def register(app: typer.Typer) -> None:

@@ -27,6 +27,7 @@ def score_folder(
     import torch
     from rich.progress import Progress
 
+    from editrl.base import DataError, RecipeError
     from editrl.preflight import load_recipe
     from editrl.data.manifest import load_manifest, load_sample
     from editrl.evaluate import recipe_rewards
@@ -35,10 +36,10 @@ def score_folder(
     recipe = load_recipe(recipe_path, overrides or [])
     entries = [e for e in load_manifest(data, on_error="fail") if e.row.edited is not None]
     if not entries:
-        raise ValueError(f"no row of {data} names an `edited` video to score")
+        raise DataError(f"no row of {data} names an `edited` video to score")
     rewards = recipe_rewards(recipe)
     if rewards is None:
-        raise ValueError(f"recipe {recipe_path} has no rewards")
+        raise RecipeError(f"recipe {recipe_path} has no rewards: add rewards.terms to score with")
     rows: list[dict[str, Any]] = []
     pending: dict[tuple[int, ...], list[Any]] = {}
 
@@ -94,29 +95,45 @@ def render_table(names: list[str], rows: list[dict[str, Any]]) -> Any:
 
 def judge(
     recipe: str = typer.Option(..., "--recipe", "-r", help="recipe whose `rewards` score the edits"),
-    data: Path = typer.Option(..., "--data", "-d", help="manifest folder whose rows name an `edited` video"),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="manifest folder whose rows name an `edited` video"),
     overrides: Optional[list[str]] = typer.Argument(None, help="section.field=value overrides of the recipe"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="edits scored together (judges send them concurrently)"),
     max_frames: Optional[int] = typer.Option(None, "--max-frames", min=1, help="read at most this many frames per video"),
-    out: Optional[Path] = typer.Option(None, "--out", help="also write the scores as JSON lines to this file"),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="also write the scores as JSON lines to this file (--audit: the report's folder, "
+        "default runs/audit/RUN)"
+    ),
+    audit_data: Optional[Path] = typer.Option(
+        None, "--audit", help="instead, audit the rewards on this folder with targets: do they prefer the target to foils?"
+    ),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="--audit: only the first N samples"),
 ) -> None:
-    """Score a folder of edits with the recipe's rewards and print a table.
+    """Score a folder of edits with the recipe's rewards and print a table; or, with --audit, audit the rewards.
 
-    Useful to check a judge (server up, prompt sensible, scores spread) before a long run.
+    Useful to check a judge (server up, prompt sensible, scores spread) before a long run. The audit scores each
+    sample's target, its source, another sample's target and degraded targets with every reward term and reports per
+    category how often each term prefers the target and how it ranks them against the oracle (audit.md, audit.csv,
+    audit.png).
 
-    Example:
+    Examples:
       editrl judge --recipe viva_grpo --data data/edited
+      editrl judge --recipe quickstart --audit data/synth_eval --out runs/audit
     """
     from rich.console import Console
 
     from editrl.commands import console, run_cli
 
     def go() -> None:
-        try:
-            names, rows = score_folder(recipe, data, overrides, batch_size, max_frames)
-        except (ValueError, ImportError) as e:  # judge server down, bad manifest row, missing pyiqa, ...
-            console.print(f"[red]error:[/red] {e}", highlight=False)
-            raise typer.Exit(2) from None
+        if (data is None) == (audit_data is None):
+            raise typer.BadParameter("give --data (score a folder of edits) or --audit (audit the rewards), one of them")
+        if audit_data is not None:
+            from editrl.audit import audit_folder, summary
+
+            reports, paths = audit_folder(recipe, audit_data, overrides, out, batch_size, max_frames, limit)
+            console.print(summary(reports), markup=False, highlight=False)
+            console.print(f"[green]wrote[/green] {', '.join(str(p) for p in paths.values())}")
+            return
+        names, rows = score_folder(recipe, data, overrides, batch_size, max_frames)  # run_cli: EditrlError, one line
         Console().print(render_table(names, rows))
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)

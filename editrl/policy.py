@@ -48,6 +48,15 @@ class Policy(Protocol):
     def load_trainable(self, directory: str | Path) -> None: ...
 
 
+@runtime_checkable
+class Reconstructs(Protocol):
+    """Optional: a policy with an autoencoder. What it reproduces of a target is the evaluation's ceiling, since an
+    edit that reaches the target's exact latent still comes out through the decoder."""
+
+    def reconstruct(self, video: Tensor) -> Tensor:
+        """(B, T, C, H, W) pixels in [0, 1], encoded and decoded: the same shape back, on the policy's device."""
+
+
 class LoraPolicy:
     """LoRA on `self.denoiser` (a diffusers `ModelMixin`), plus any fully trainable `extra_trainable` modules.
 

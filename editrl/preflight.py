@@ -6,7 +6,9 @@ recipe needs that is not here, all at once: paths (the `init_from` checkpoint, o
 the data sources) and what plugins report themselves: a policy or reward class may define a classmethod
 `preflight(options) -> list[str]` taking its validated `Options`, each string naming one missing piece (a checkpoint
 directory, a hub id absent from the local cache, a judge server that does not answer, IQA weights not on disk).
-Nothing is built and nothing is downloaded; plugins without the hook are taken to be ready.
+Nothing is built and nothing is downloaded; plugins without the hook are taken to be ready. A dataset class may
+declare `provides`, the `EditSample` fields it fills: `check_reward_inputs` refuses, for training, a reward that cannot
+score without source or target videos (its `required` fields, else its `needs`) on data that lacks them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 from editrl.base import RecipeError
 from editrl.config import Recipe, SftRecipe, parse_recipe, validate_model
 from editrl.registry import DATASETS, POLICIES, REWARDS, Registry, RegistryError, did_you_mean
+
+DATA_VIDEOS = frozenset({"source", "target"})  # what a reward may need that only data holds (masks are optional)
 
 
 def load_recipe(
@@ -100,10 +104,27 @@ def check(recipe: Recipe, check_paths: bool = True) -> None:
             validate_model(opts, term.options, f"rewards.terms.{i}.options.")
 
 
+def check_reward_inputs(recipe: Recipe) -> None:
+    """The videos each reward cannot score without (source, target) against what the recipe's data has; for
+    training (`editrl judge` and `editrl eval` score other data)."""
+    for split in ("train", "eval"):
+        src = getattr(recipe.data, split)
+        provides = getattr(DATASETS.get(src.kind), "provides", None) if src is not None else None
+        for i, term in enumerate(recipe.rewards.terms if provides is not None else []):
+            reward = REWARDS.get(term.name)
+            needs = set(getattr(reward, "required", None) or getattr(reward, "needs", None) or ())
+            missing = sorted(needs & DATA_VIDEOS - set(provides))
+            if missing:
+                raise RecipeError(
+                    f"rewards.terms.{i} ({term.key}) needs {' and '.join(missing)} videos, which data.{split} (kind "
+                    f"{src.kind}) does not have: use data with them (kind manifest or synthetic) or another reward"
+                )
+
+
 def preflight(recipe: Recipe) -> list[str]:
     """Every problem found, each prefixed with the recipe key it comes from; [] when the recipe can run here."""
     pc = recipe.policy
-    problems = _data(recipe, "")
+    problems = _data(recipe, "") + device_problems(recipe)
     if pc.init_from is not None and not Path(pc.init_from).exists():
         if pc.warm_start is None:
             problems.append(f"policy.init_from: {pc.init_from} does not exist")
@@ -130,6 +151,29 @@ def _data(recipe: Recipe, prefix: str) -> list[str]:
         except (ValueError, FileNotFoundError, RecipeError) as e:
             problems.append(f"{prefix}data.{split}.options: {e}")
     return problems
+
+
+def device_problems(recipe: Recipe) -> list[str]:
+    """`run.device` names a device this machine has (else a run would die at its first tensor); checked where a run
+    starts and by `--dry-run`, not by commands that only read a recipe's rewards."""
+    import torch
+
+    name = recipe.run.device
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        return [f"run.device: {name!r} is not a device editrl runs on: use cpu, cuda, cuda:N or mps"]
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return [f"run.device: {name} is not available here: use run.device=cpu"]
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and not count:
+        return [f"run.device: {name}, but torch sees no CUDA GPU on this machine: use run.device=cpu"]
+    if device.type == "cuda" and (device.index or 0) >= count:
+        have = ", ".join(f"cuda:{i}" for i in range(count))
+        return [f"run.device: {name}, but this machine has {have}: use one of those"]
+    return []
 
 
 def _hook(plugin: Any, options: dict[str, Any]) -> list[str]:

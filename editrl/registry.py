@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import traceback
 from importlib import metadata
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
@@ -41,6 +42,14 @@ def import_string(path: str) -> Any:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
         raise RegistryError(f"cannot import module {module_name!r} for {path!r}: {e}") from e
+    except Exception as e:
+        if module_name.split(".")[0] == "editrl":  # editrl's own plugins: a bug, keep its traceback
+            raise
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        raise RegistryError(
+            f"importing {module_name!r} for {path!r} raised {type(e).__name__}: {e} "
+            f"({where.filename}:{where.lineno}): fix that module"
+        ) from e
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise RegistryError(f"module {module_name!r} has no attribute {attr!r}")

@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from editrl.base import EditrlError
 from editrl.types import EditSample, RewardBatch, RewardOutput
 
 ALL_NEEDS = frozenset({"instruction", "source", "edited", "reference", "target", "mask", "category"})
@@ -112,13 +113,26 @@ def reward_batch(samples: list[EditSample], edited: Tensor, needs: set[str] | fr
 
 
 async def _call(reward: Any, batch: RewardBatch) -> RewardOutput:
-    out = reward(batch)
-    if inspect.isawaitable(out):
-        out = await out
-    if not isinstance(out, RewardOutput):
-        raise TypeError(f"reward {type(reward).__name__} returned {type(out).__name__}, expected RewardOutput")
-    if out.scores.numel() != len(batch):
-        raise ValueError(f"reward {type(reward).__name__} returned {out.scores.numel()} scores for {len(batch)} samples")
+    """One reward's scores on the host. A plugin that raises or answers with the wrong shape scores nothing: every
+    sample invalid, the error in `extras["error"]`, and `rewards.on_failure` decides whether the run skips those
+    samples or stops. editrl's own rewards are not excused (a bug keeps its traceback), nor is an EditrlError (a
+    judge server that is down: the run stops with its one line)."""
+    who = getattr(reward, "__name__", type(reward).__name__)
+    try:
+        out = reward(batch)
+        if inspect.isawaitable(out):
+            out = await out
+        if not isinstance(out, RewardOutput):
+            raise TypeError(f"reward {who} returned {type(out).__name__}, expected RewardOutput")
+        if out.scores.numel() != len(batch):
+            raise ValueError(f"reward {who} returned {out.scores.numel()} scores for {len(batch)} samples")
+    except EditrlError:
+        raise
+    except Exception as e:
+        if getattr(getattr(reward, "fn", reward), "__module__", "").split(".")[0] == "editrl":
+            raise
+        error = f"{type(e).__name__}: {e}"
+        return RewardOutput(torch.zeros(len(batch)), torch.zeros(len(batch), dtype=torch.bool), {"error": [error] * len(batch)})
     # Scores leave the device once per reward call: the group statistics over them are a few numbers on the host.
     return RewardOutput(out.scores.cpu(), out.valid.cpu(), out.extras)
 

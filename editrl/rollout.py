@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -52,8 +54,12 @@ def rollout(
     kind: str,
     noise_level: float,
     generator: torch.Generator,
+    cps_logprob: Literal["exact", "flow_grpo"] = "exact",
+    keep_means: bool = False,
 ) -> Trajectory:
     """Sample a batch of trajectories and keep (x, x_next, log p) at the trained steps only.
+
+    `keep_means` also keeps each trained step's transition mean (`extras["mean"]`), which GRPO-Guard compares with.
 
     Everything stays on the policy's device and the loop reads nothing back from it (sigmas are host floats,
     noise comes from `generator`, best placed on the policy's device), so the device never waits for the host.
@@ -62,17 +68,19 @@ def rollout(
     batch = x.shape[0]
     sde_set, keep = set(sde_steps), set(trained_steps)
     schedule = sigmas.tolist()
-    latents, nexts, logps = [], [], []
+    latents, nexts, logps, means = [], [], [], []
     for i in range(len(schedule) - 1):
         sigma, sigma_next = schedule[i], schedule[i + 1]
         v = policy.velocity(x, torch.full((batch,), sigma, device=x.device), cond)
         out = sde.step(
-            kind if i in sde_set else "ode", x, v, sigma, sigma_next, noise_level=noise_level, generator=generator
+            kind if i in sde_set else "ode", x, v, sigma, sigma_next,
+            noise_level=noise_level, generator=generator, cps_logprob=cps_logprob,
         )
         if i in keep:
             latents.append(x.float())
             nexts.append(out.prev_sample)
             logps.append(out.log_prob)
+            means.append(out.mean)
         x = out.prev_sample.to(x.dtype)
     idx = torch.tensor(trained_steps, dtype=torch.long)
     return Trajectory(
@@ -83,7 +91,27 @@ def rollout(
         next_latents=torch.stack(nexts, 1),
         log_probs=torch.stack(logps, 1),
         final=x,
+        extras={"mean": torch.stack(means, 1)} if keep_means else {},
     )
+
+
+@torch.no_grad()
+def nft_inputs(
+    policy: Policy, cond: Condition, x0: Tensor, sigmas: Tensor, generator: torch.Generator
+) -> dict[str, Tensor]:
+    """What DiffusionNFT trains on, per trained sigma t: x_t = (1 - t) x0 + t eps with fresh noise, and the sampling
+    policy's velocity there (its "old" policy); (B, S, ...) each, as `Trajectory.extras`.
+
+    Computed with the rollout, before any update, so `v_old` stays the sampling policy's however many updates follow.
+    """
+    x0 = x0.float()
+    noised, old = [], []
+    for t in sigmas.tolist():
+        eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+        x_t = (1 - t) * x0 + t * eps
+        noised.append(x_t)
+        old.append(policy.velocity(x_t, torch.full((x0.shape[0],), t, device=x0.device), cond).float())
+    return {"nft_x_t": torch.stack(noised, 1), "nft_v_old": torch.stack(old, 1)}
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -102,8 +102,13 @@ def step(
     noise_level: float,
     generator: torch.Generator | None = None,
     prev_sample: Tensor | None = None,
+    cps_logprob: Literal["exact", "flow_grpo"] = "exact",
 ) -> SdeStep:
     """Draw x at sigma_next (rollout), or score `prev_sample` (training), under the kind's transition.
+
+    `cps_logprob="flow_grpo"` scores a `cps` step as Flow-GRPO's CPS code does (flow_grpo's sd3_sde_with_logprob,
+    `sde_type == 'cps'`): -mean((x_next - mean)^2), the exact Gaussian log-density without its 1/(2 std^2) factor and
+    constants, so a log-ratio is 2 std^2 times the exact one. Other kinds are always scored exactly.
 
     The checks (sigmas decreasing, noise where the kind needs it) run on host copies of the sigmas, so a step with
     float sigmas reads nothing back from the device. Noise is drawn by `generator` on its own device: the trainer
@@ -133,6 +138,9 @@ def step(
         prev_sample = prev_sample.float()
     if deterministic:
         log_prob = torch.zeros(x.shape[0], device=x.device)
+    elif kind == "cps" and cps_logprob == "flow_grpo":
+        sq = (prev_sample.detach() - mean) ** 2
+        log_prob = -sq.mean(dim=tuple(range(1, sq.ndim)))
     else:
         log_prob = gaussian_log_prob(prev_sample.detach(), mean, std)
     return SdeStep(prev_sample=prev_sample, mean=mean, std=std, log_prob=log_prob)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from editrl.base import RecipeError
+from editrl.base import DataError, RecipeError
 from editrl.config import SftConfig, SftRecipe
 from editrl.harness import Harness, derive_seed
 from editrl.types import EditSample
@@ -58,7 +58,7 @@ def flow_matching_loss(
 def _requires_targets(samples: list[EditSample]) -> None:
     bad = [s.id for s in samples if s.target is None]
     if bad:
-        raise ValueError(f"SFT needs paired data: sample {bad[0]!r} has no target video")
+        raise DataError(f"SFT needs paired data: sample {bad[0]!r} has no target video")
 
 
 class SftTrainer(Harness):

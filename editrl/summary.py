@@ -4,6 +4,7 @@ everything is and which commands to try next."""
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import shutil
 import sys
@@ -19,18 +20,30 @@ from editrl.monitor import LIBRARY_LOG, duration, read_metrics
 
 
 def eval_before_after(run_dir: Path) -> Table | None:
-    """eval/* at the first and the last evaluation of a run (metrics.jsonl), with the change; None if fewer than two."""
+    """eval/* at the first and the last evaluation of a run (metrics.jsonl), with the change, and beside each oracle
+    metric its yardsticks (copy: the source unedited; ceiling: the target through the VAE) and the share of the gap
+    between them closed at each end; None if fewer than two evaluations."""
+    from editrl.evaluate import GAP_COLUMNS, YARDSTICKS, gap_closed
+
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if any(k.startswith("eval/") for k in r)]
     if len(rows) < 2:
         return None
     first, last = rows[0], rows[-1]
     table = Table(title=f"held-out eval split: step {first['step']} -> step {last['step']}")
-    for column in ("metric", f"step {first['step']}", f"step {last['step']}", "change"):
+    for column in ("metric", f"step {first['step']}", f"step {last['step']}", "change", "copy", "ceiling", "gap closed"):
         table.add_column(column, justify="left" if column == "metric" else "right")
-    for key in sorted(k for k in last if k.startswith("eval/") and last[k] is not None and first.get(k) is not None):
+    marks = tuple(f"eval/{y}/" for y in YARDSTICKS)
+    for key in sorted(k for k in last if k.startswith("eval/") and not k.startswith(marks)
+                      and last[k] is not None and first.get(k) is not None):
         delta = last[key] - first[key]
         colour = "green" if delta > 0 else "red" if delta < 0 else "white"
-        table.add_row(key.removeprefix("eval/"), f"{first[key]:.4f}", f"{last[key]:.4f}", f"[{colour}]{delta:+.4f}[/{colour}]")
+        col = key.removeprefix("eval/oracle/") if key.startswith("eval/oracle/") else None
+        copy, ceiling = (last.get(f"eval/{y}/{col}", math.nan) for y in YARDSTICKS)
+        marked = ["" if col is None else "n/a" if math.isnan(v) else f"{v:.4f}" for v in (copy, ceiling)]
+        share = [gap_closed(r[key], copy, ceiling) for r in (first, last)] if col in GAP_COLUMNS else []
+        closed = "" if not share else "n/a" if math.isnan(share[1]) else f"{share[0]:.0f}% -> {share[1]:.0f}%"
+        table.add_row(key.removeprefix("eval/"), f"{first[key]:.4f}", f"{last[key]:.4f}",
+                      f"[{colour}]{delta:+.4f}[/{colour}]", *marked, closed)
     return table
 
 
@@ -56,8 +69,10 @@ def run_summary(run_dir: Path, recipe: Any) -> tuple[list[tuple[str, str]], list
     places.append(("TensorBoard", f"{_show(tensorboard) if tensorboard.is_file() else 'tensorboard'} --logdir {run}/tensorboard"))
     videos = sorted((run_dir / "samples").rglob("*.mp4"))
     places.append(("sample videos", f"{len(videos)} in {run}/samples" if videos else "none (train.sample_every=N saves them)"))
-    grid = run_dir / "eval" / "grid.png"
+    grid, before_after = run_dir / "eval" / "grid.png", run_dir / "before_after.png"
     places.append(("frame grid", _show(grid) if grid.is_file() else f"{_show(grid)}, written by `{editrl} eval`"))
+    if before_after.is_file():
+        places.append(("before/after frames", _show(before_after)))
     places.append(("library log", f"{run}/{LIBRARY_LOG}"))
 
     commands = []
@@ -76,8 +91,31 @@ def run_summary(run_dir: Path, recipe: Any) -> tuple[list[tuple[str, str]], list
     return places, commands
 
 
-def print_run_summary(run_dir: Path, recipe: Any, seconds: float, console: Console) -> None:
+def skipped_samples(run_dir: Path, world_size: int = 1) -> tuple[list[str], bool]:
+    """(per reward with invalid scores, how many samples it left out over the run; whether any sample was trained),
+    from an Edit-GRPO run's metrics.jsonl, whose per-step counts are means over ranks."""
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "samples/trained" in r]
+    keys = sorted({k for r in rows for k in r if k.startswith("reward/") and k.endswith("/invalid")})
+    lines = []
+    for key in keys:
+        bad = sum(r.get(key) or 0 for r in rows) * world_size
+        if bad:
+            lines.append(f"reward {key[7:-8]!r} had no valid score for {bad:g} samples in {len(rows)} step{'s' * (len(rows) != 1)}")
+    return lines, not rows or any(r["samples/trained"] for r in rows)
+
+
+def nothing_trained(run_dir: Path, world_size: int = 1) -> str | None:
+    """Why an Edit-GRPO run trained no sample at all (one line), or None when it trained some."""
+    lines, trained = skipped_samples(run_dir, world_size)
+    if trained:
+        return None
+    why = "; ".join(lines) or "every group's rewards tied, so every advantage was 0"
+    return f"nothing was trained in {_show(run_dir)}: {why}. Fix the rewards (see the warning above), then rerun with --overwrite"
+
+
+def print_run_summary(run_dir: Path, recipe: Any, seconds: float, console: Console, world_size: int = 1) -> None:
     places, commands = run_summary(run_dir, recipe)
+    places += [("skipped samples", line) for line in skipped_samples(run_dir, world_size)[0]]
     table = Table.grid(padding=(0, 2))
     for what, where in places:
         table.add_row(f"  {what}", escape(where))

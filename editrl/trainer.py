@@ -7,29 +7,27 @@ protocol and the rewards only through `RewardSet`.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import itertools
 import math
 import json
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from editrl import grpo, sde
-from editrl.base import TrainingError
+from editrl.base import RecipeError, TrainingError
 from editrl.checkpoint import find_checkpoint
 from editrl.config import Layout, Recipe, derive_layout
-from editrl.evaluate import ORACLE_COLUMNS
+from editrl.evaluate import ORACLE_COLUMNS, YARDSTICKS, EvalReport, save_grid
 from editrl.harness import Harness, Timer, derive_seed
-from editrl.monitor import skipped
+from editrl.monitor import console, skipped
 from editrl.reward import RewardSet, build_reward, reward_batch
-from editrl.rollout import edit_videos, plan_steps, rollout
+from editrl.rollout import edit_videos, nft_inputs, plan_steps, rollout
 from editrl.types import Condition, EditSample, RewardOutput, Trajectory
 
 
@@ -43,6 +41,24 @@ class Rollouts:
     traj: Trajectory
     edited: Tensor
     rewards: dict[str, RewardOutput] = field(default_factory=dict)
+
+    @staticmethod
+    def regroup(parts: list[Rollouts], order: Tensor, group_size: int) -> Rollouts:
+        """The samples at `order` (whole groups) of the parts laid end to end, numbered into groups anew."""
+        picks = order.tolist()
+        samples = [smp for p in parts for smp in p.samples]
+        rewards = {
+            name: RewardOutput(
+                o.scores[order], o.valid[order],
+                {k: [v[i] for i in picks] for k, v in o.extras.items() if len(v) == len(samples)},
+            )
+            for name, o in _cat_rewards([p.rewards for p in parts]).items()
+        }
+        return Rollouts(
+            [samples[i] for i in picks], torch.arange(len(picks) // group_size).repeat_interleave(group_size),
+            Condition.cat([p.cond for p in parts]).index(order), Trajectory.cat([p.traj for p in parts]).index(order),
+            torch.cat([p.edited for p in parts])[order], rewards,
+        )
 
 
 class Trainer(Harness):
@@ -61,7 +77,17 @@ class Trainer(Harness):
         self.layout: Layout = derive_layout(recipe, self.backend.world_size)
         self.rewards = RewardSet([(t.key, t.weight, build_reward(t.name, t.options)) for t in recipe.rewards.terms])
         self.sigmas = sde.sigma_schedule(recipe.sampling.steps, recipe.sampling.shift)
+        self.likelihood_free: bool = getattr(grpo.LOSSES.get(recipe.grpo.loss), "likelihood_free", False)
+        d = recipe.distributed
+        if recipe.grpo.resample_tied and d.backend == "deepspeed" and d.zero_stage == 3 and not d.rollout_gather:
+            raise RecipeError(
+                "grpo.resample_tied rolls extra groups out on some ranks only, which ZeRO-3's per-layer gathers cannot "
+                "follow: set distributed.rollout_gather=true or grpo.resample_tied=0"
+            )
         self._last_rollouts: Rollouts | None = None
+        self.warned: set[str] = set()  # rewards whose invalid scores were reported
+        self.yardsticks: dict[str, EvalReport] | None = None  # the eval split's copy and ceiling, scored once
+        self.eval_picks: list[tuple[int, list[tuple[EditSample, Tensor]]]] = []  # (step, edits): first, latest eval
         self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewards")
 
     # ------------------------------------------------------------------ rollout
@@ -75,30 +101,38 @@ class Trainer(Harness):
 
     def collect(self, timer: Timer) -> tuple[Rollouts, list[int]]:
         """Roll out every group of this rank, scoring finished chunks while the next chunk samples."""
+        r, g = self.recipe, self.recipe.grpo
+        requests = self._requests()
+        per_chunk = max(1, self.layout.micro_batch_size // g.group_size)
+        first = self.backend.rank * self.layout.groups_per_rank
+        # Seeded by the chunk's global group index: the same groups get the same noise on any number of ranks.
+        seeds = [derive_seed(r.run.seed, self.step, 2, first + c) for c in range(0, len(requests), per_chunk)]
+        ro = self._roll([requests[c : c + per_chunk] for c in range(0, len(requests), per_chunk)], seeds, timer)
+        return ro, ro.traj.steps
+
+    def _roll(self, chunks: list[list[EditSample]], seeds: list[int], timer: Timer) -> Rollouts:
+        """Roll out and score groups of the chunks' requests, each chunk's noise from its seed."""
         r, s, g = self.recipe, self.recipe.sampling, self.recipe.grpo
         plan_gen = torch.Generator().manual_seed(derive_seed(r.run.seed, self.step, 1))
         sde_steps, trained = plan_steps(s.steps, s.window, g.trained_steps, self.step, plan_gen)
-        requests = self._requests()
-        per_chunk = max(1, self.layout.micro_batch_size // g.group_size)
         conds, trajs, edited, futures = [], [], [], []
         needs = self.rewards.needs
-        for c in range(0, len(requests), per_chunk):
-            chunk = requests[c : c + per_chunk]
+        for chunk, seed in zip(chunks, seeds):
             with timer("encode"):
                 if g.share_encode:
                     cond = self.policy.encode(chunk).repeat_interleave(g.group_size)
                 else:
                     cond = self.policy.encode([smp for smp in chunk for _ in range(g.group_size)])
-            # Seeded by the chunk's global group index: the same groups get the same noise on any number of ranks.
             # On the policy's device, so the noise never crosses from the host (CPU and CUDA draw different streams).
-            gen = torch.Generator(self.device).manual_seed(
-                derive_seed(r.run.seed, self.step, 2, self.backend.rank * self.layout.groups_per_rank + c)
-            )
+            gen = torch.Generator(self.device).manual_seed(seed)
             with timer("rollout"):
                 traj = rollout(
                     self.policy, cond, self.sigmas, sde_steps=sde_steps, trained_steps=trained,
-                    kind=s.sde, noise_level=s.noise_level, generator=gen,
+                    kind=s.sde, noise_level=s.noise_level, generator=gen, cps_logprob=s.cps_logprob,
+                    keep_means=g.ratio_norm,
                 )
+                if self.likelihood_free:
+                    traj.extras.update(nft_inputs(self.policy, cond, traj.final, traj.sigmas, gen))
             with timer("decode"), torch.no_grad():
                 pixels = self.policy.decode(traj.final).float()
             members = [smp for smp in chunk for _ in range(g.group_size)]
@@ -112,19 +146,52 @@ class Trainer(Harness):
             trajs.append(traj)
             edited.append(pixels)
         with timer("reward"):
-            outs = [f.result() for f in futures]
-        rewards = {
-            name: RewardOutput(
-                torch.cat([o[name].scores for o in outs]),
-                torch.cat([o[name].valid for o in outs]),
-                {k: [v for o in outs for v in o[name].extras.get(k, [])] for k in outs[0][name].extras},
-            )
-            for name in self.rewards.names
-        }
-        samples = [smp for smp in requests for _ in range(g.group_size)]
-        group_ids = torch.arange(len(requests)).repeat_interleave(g.group_size)
-        ro = Rollouts(samples, group_ids, Condition.cat(conds), Trajectory.cat(trajs), torch.cat(edited), rewards)
-        return ro, trained
+            rewards = _cat_rewards([f.result() for f in futures])
+        samples = [smp for chunk in chunks for smp in chunk for _ in range(g.group_size)]
+        group_ids = torch.arange(len(samples) // g.group_size).repeat_interleave(g.group_size)
+        return Rollouts(samples, group_ids, Condition.cat(conds), Trajectory.cat(trajs), torch.cat(edited), rewards)
+
+    def _total(self, ro: Rollouts) -> tuple[Tensor, Tensor]:
+        """(B,) the recipe's aggregated reward and its validity."""
+        scores = {n: o.scores for n, o in ro.rewards.items()}
+        valid = {n: o.valid for n, o in ro.rewards.items()}
+        return grpo.aggregate_rewards(scores, valid, self.rewards.weights, ro.group_ids, self.recipe.rewards.aggregation)
+
+    def _tied(self, ro: Rollouts) -> Tensor:
+        """(groups,) True where a group's aggregated rewards all tie (or fewer than two are valid)."""
+        return grpo.tied_groups(*self._total(ro), ro.group_ids).view(-1, self.recipe.grpo.group_size)[:, 0]
+
+    def resample_tied(self, ro: Rollouts, timer: Timer, metrics: dict[str, float]) -> Rollouts:
+        """Dynamic sampling (DAPO's): up to `grpo.resample_tied` extra groups per step replace groups whose rewards
+        all tie, in rounds until none ties or the budget is spent; an extra group that ties too leaves its slot alone.
+
+        The same on resume and on any number of ranks: the extra requests and their noise come from the step's seed,
+        never from the data cursor; the k-th extra of a round goes to the k-th tied group in global order and is rolled
+        out by the rank that holds that group, so no trajectory moves between ranks.
+        """
+        r, g, lay = self.recipe, self.recipe.grpo, self.layout
+        pick = torch.Generator().manual_seed(derive_seed(r.run.seed, self.step, 4))
+        pool = torch.randint(len(self.train_data), (g.resample_tied,), generator=pick).tolist()
+        first, drawn = self.backend.rank * lay.groups_per_rank, 0
+        while True:
+            tied = torch.nonzero(self.backend.all_gather(self._tied(ro).float())).flatten().tolist()
+            targets = tied[: g.resample_tied - drawn]
+            if not targets:
+                break
+            mine = [(drawn + k, gid - first) for k, gid in enumerate(targets) if 0 <= gid - first < lay.groups_per_rank]
+            drawn += len(targets)
+            if not mine:
+                continue
+            seeds = [derive_seed(r.run.seed, self.step, 5, j) for j, _ in mine]
+            extra = self._roll([[self.train_data[pool[j]]] for j, _ in mine], seeds, timer)
+            order, n = torch.arange(len(ro.samples)), g.group_size
+            for i, ((_, slot), informative) in enumerate(zip(mine, (~self._tied(extra)).tolist())):
+                if informative:
+                    order[slot * n : (slot + 1) * n] = len(ro.samples) + i * n + torch.arange(n)
+            ro = Rollouts.regroup([ro, extra], order, n)
+        metrics["groups/resampled"] = float(drawn)
+        metrics["groups/still_tied"] = float(len(tied))
+        return ro
 
     # ------------------------------------------------------------------ optimisation
 
@@ -137,23 +204,29 @@ class Trainer(Harness):
             metrics[f"reward/{name}/mean"] = float(valid_scores.mean()) if valid_scores.numel() else float("nan")
             metrics[f"reward/{name}/std"] = float(valid_scores.std(unbiased=False)) if valid_scores.numel() else float("nan")
             metrics[f"reward/{name}/invalid"] = float(n_bad)
-            if n_bad and rc.on_failure == "fail":
-                reasons = sorted({str(e) for e in out.extras.get("error", []) if e})
-                raise TrainingError(
-                    f"reward {name!r}: {n_bad} of {len(out.valid)} samples have no valid score at step {self.step + 1}"
-                    + (f" ({'; '.join(reasons[:3])})" if reasons else "")
-                    + "; stopping because rewards.on_failure=fail (use 'skip' to exclude them and continue)"
-                )
-        scores = {n: o.scores for n, o in ro.rewards.items()}
-        valid = {n: o.valid for n, o in ro.rewards.items()}
-        total, ok = grpo.aggregate_rewards(scores, valid, self.rewards.weights, ro.group_ids, rc.aggregation)
+            if not n_bad:
+                continue
+            reasons = sorted({str(e) for e in out.extras.get("error", []) if e})
+            what = (f"reward {name!r}: {n_bad} of {len(out.valid)} samples have no valid score at step {self.step + 1}"
+                    + (f" ({'; '.join(reasons[:3])})" if reasons else ""))
+            if rc.on_failure == "fail":
+                raise TrainingError(what + "; stopping because rewards.on_failure=fail (use 'skip' to exclude them and continue)")
+            if name not in self.warned and self.backend.is_main:  # once per reward; the run's summary counts them all
+                self.warned.add(name)
+                console.print(f"warning: {what}; skipping them (rewards.on_failure=skip)", style="yellow", markup=False, soft_wrap=True)
+        total, ok = self._total(ro)
         # Over the global batch (rewards all-gathered in rank order), so `scale: batch` sees every rank's groups.
         n, offset = len(total), self.backend.rank * self.layout.groups_per_rank
         gids, all_ok = self.backend.all_gather(ro.group_ids + offset), self.backend.all_gather(ok.float()).bool()
-        adv = grpo.group_advantages(self.backend.all_gather(total.float()), all_ok, gids, scale=g.scale, adv_clip=g.adv_clip)
-        adv = adv[self.backend.rank * n : (self.backend.rank + 1) * n]
-        tied = grpo.tied_groups(total, ok, ro.group_ids)
-        train_mask = ok & ~tied if g.skip_tied_groups else ok
+        all_total = self.backend.all_gather(total.float())
+        adv = grpo.group_advantages(all_total, all_ok, gids, scale=g.scale, adv_clip=g.adv_clip)
+        all_tied = grpo.tied_groups(all_total, all_ok, gids)
+        all_train = all_ok & ~all_tied if g.skip_tied_groups else all_ok
+        if g.shuffle_advantages:  # the no-reward-signal control: the same advantages, dealt to random samples
+            deal = torch.Generator().manual_seed(derive_seed(self.recipe.run.seed, self.step, 6))
+            adv = grpo.shuffle_advantages(adv, all_train, deal)
+        mine = slice(self.backend.rank * n, (self.backend.rank + 1) * n)
+        adv, tied, train_mask = adv[mine], all_tied[mine], all_train[mine]
         metrics["reward/total/mean"] = float(total[ok].mean()) if bool(ok.any()) else float("nan")
         metrics["reward/total/std"] = float(total[ok].std(unbiased=False)) if bool(ok.any()) else float("nan")
         metrics["adv/mean"] = float(adv.mean())
@@ -183,7 +256,7 @@ class Trainer(Harness):
         grad_norms: list[float] = []
         # Statistics stay on the device until the update is done: reading one back would stall every micro-step.
         stats: dict[str, list[Tensor]] = defaultdict(list)
-        ratio_by_step: dict[int, list[Tensor]] = defaultdict(list)
+        ratio_by_step: dict[tuple[int, str], list[Tensor]] = defaultdict(list)  # (step, "" or "raw_"): ratios
         for m in self.policy.modules_for_training():
             m.train()
         with timer("train"):
@@ -200,9 +273,12 @@ class Trainer(Harness):
                         if not weight:
                             continue
                         stats["loss"].append(loss.detach())
-                        stats["clip_frac"].append(out.clipped.float().mean())
-                        stats["approx_kl"].append(out.approx_kl)
-                        ratio_by_step[step_i].append(out.ratio)
+                        if not self.likelihood_free:
+                            stats["clip_frac"].append(out.clipped.float().mean())
+                            stats["approx_kl"].append(out.approx_kl)
+                            ratio_by_step[step_i, ""].append(out.ratio)
+                        if "raw_ratio" in extra:  # GRPO-Guard: the ratio before normalisation
+                            ratio_by_step[step_i, "raw_"].append(extra.pop("raw_ratio"))
                         for key, value in extra.items():
                             stats[key].append(value)
                 grad_norms.append(self.backend.step())
@@ -211,9 +287,9 @@ class Trainer(Harness):
         for m in self.policy.modules_for_training():
             m.eval()
         names, values = [f"train/{k}" for k in stats], [torch.stack(v).float().mean() for v in stats.values()]
-        for step_i, ratios in sorted(ratio_by_step.items()):
+        for (step_i, kind), ratios in sorted(ratio_by_step.items()):
             ratio = torch.cat(ratios).float()
-            names += [f"ratio/t{step_i:02d}/mean", f"ratio/t{step_i:02d}/std"]
+            names += [f"ratio/t{step_i:02d}/{kind}mean", f"ratio/t{step_i:02d}/{kind}std"]
             values += [ratio.mean(), ratio.std(unbiased=False)]
         host = torch.stack(values).tolist() if values else []  # one read-back for the whole update
         metrics.update(zip(names, host))
@@ -222,21 +298,37 @@ class Trainer(Harness):
     def _step_loss(
         self, traj: Trajectory, k: int, cond: Condition, adv: Tensor, loss_fn: Any
     ) -> tuple[Tensor, Any, dict[str, Tensor]]:
-        """Loss of trained step `k` for a micro-batch's trajectory; the KL's reference forward only when beta > 0."""
+        """Loss of trained step `k` for a micro-batch's trajectory; the KL's reference forward only when beta > 0.
+
+        A likelihood-free loss (DiffusionNFT) sees velocities at its own noised x0 instead of the SDE step's density.
+        """
         s, g = self.recipe.sampling, self.recipe.grpo
-        x = traj.latents[:, k]
+        x = traj.extras["nft_x_t"][:, k] if self.likelihood_free else traj.latents[:, k]
         sigma, sigma_next = float(traj.sigmas[k]), float(traj.sigmas_next[k])
         sigma_vec = torch.full((x.shape[0],), sigma, device=x.device)
         v = self.backend.forward(self.policy.velocity, x, sigma_vec, cond)
-        out = sde.step(s.sde, x, v, sigma, sigma_next, noise_level=s.noise_level, prev_sample=traj.next_latents[:, k])
-        pg = loss_fn(out.log_prob, traj.log_probs[:, k], adv, g.clip_range)
-        extra = {**pg.extra, "pg_loss": pg.loss.detach()}
+        extra: dict[str, Tensor] = {}
+        if self.likelihood_free:
+            pg = loss_fn(v, traj.extras["nft_v_old"][:, k], x, traj.final, sigma, adv, beta=g.nft.beta, adv_clip=g.adv_clip)
+        else:
+            kw = {"noise_level": s.noise_level, "cps_logprob": s.cps_logprob}
+            out = sde.step(s.sde, x, v, sigma, sigma_next, prev_sample=traj.next_latents[:, k], **kw)
+            if g.ratio_norm:
+                guard = grpo.guard_log_ratio(out.prev_sample, out.mean, traj.extras["mean"][:, k], out.std)
+                extra["raw_ratio"] = torch.exp(out.log_prob - traj.log_probs[:, k]).detach()
+                pg = loss_fn(guard, torch.zeros_like(guard), adv, g.clip_range)
+            else:
+                pg = loss_fn(out.log_prob, traj.log_probs[:, k], adv, g.clip_range)
+        extra |= {**pg.extra, "pg_loss": pg.loss.detach()}
         loss = pg.loss
         if g.beta > 0:
             with torch.no_grad(), self.policy.reference():
                 v_ref = self.backend.forward(self.policy.velocity, x, sigma_vec, cond)
-            ref = sde.step(s.sde, x, v_ref, sigma, sigma_next, noise_level=s.noise_level, prev_sample=out.prev_sample)
-            kl = grpo.kl_to_reference(out.mean, ref.mean, out.std).mean()
+            if self.likelihood_free:  # DiffusionNFT's KL term, in velocity space
+                kl = ((v.float() - v_ref.float()) ** 2).mean()
+            else:
+                ref = sde.step(s.sde, x, v_ref, sigma, sigma_next, prev_sample=out.prev_sample, **kw)
+                kl = grpo.kl_to_reference(out.mean, ref.mean, out.std).mean()
             loss = loss + g.beta * kl
             extra["kl"] = kl.detach()
         return loss, pg, extra
@@ -249,6 +341,8 @@ class Trainer(Harness):
         metrics: dict[str, float] = {}
         with self.backend.inference(self.policy):
             ro, trained = self.collect(timer)
+            if self.recipe.grpo.resample_tied:
+                ro = self.resample_tied(ro, timer, metrics)
         adv, mask = self.advantages(ro, metrics)
         self.optimise(ro, adv, mask, timer, metrics)
         if "train/skipped" not in metrics:
@@ -270,8 +364,9 @@ class Trainer(Harness):
         """The held-out benchmark (`editrl.evaluate`, as `editrl eval` runs it) on the eval split with deterministic
         (ODE) edits: the recipe's rewards (`eval/<term>`) and, where the split has ground truth, the oracle metrics
         (`eval/oracle/*`: PSNR and SSIM of fidelity and preservation, temporal, smoothness), numbers that include
-        metrics the policy was not trained on; `eval/total` is the recipe's weighted reward."""
-        from editrl.evaluate import evaluate as benchmark
+        metrics the policy was not trained on; `eval/total` is the recipe's weighted reward. Beside them stand the
+        yardsticks, `eval/copy/*` (the source returned unedited) and `eval/ceiling/*` (the target through the VAE)."""
+        from editrl.evaluate import evaluate as benchmark, yardsticks
 
         assert self.eval_data is not None
         s, bs = self.recipe.sampling, self.layout.micro_batch_size
@@ -280,23 +375,19 @@ class Trainer(Harness):
         def edit_fn(chunk: list[EditSample]) -> Tensor:
             return edit_videos(self.policy, chunk, s.eval_steps or s.steps, s.shift, next(seeds)).float()
 
-        ema_ctx = self._ema_weights() if self.ema is not None else contextlib.nullcontext()
-        with ema_ctx, self.backend.inference(self.policy):
-            overall = benchmark(edit_fn, self.eval_data, self.rewards, batch_size=bs, progress=False).overall()
+        with self.scored_weights(), self.backend.inference(self.policy):
+            if self.yardsticks is None:
+                self.yardsticks = yardsticks(self.eval_data, self.policy, bs, progress=False)
+            report = benchmark(edit_fn, self.eval_data, self.rewards, batch_size=bs, progress=False,
+                               grid_per_category=1, yardsticks=self.yardsticks)
+        overall = report.overall()
+        self.eval_picks = [*self.eval_picks[:1], (self.step, report.picks[:4])]  # the frame grid's rows
         out = {f"eval/{name}": overall[f"reward_{name}"] for name in self.rewards.names}
         out |= {f"eval/oracle/{col}": overall[col] for col in ORACLE_COLUMNS if not math.isnan(overall[col])}
+        out |= {f"eval/{y}/{col}": overall[f"{y}_{col}"] for y in YARDSTICKS for col in ORACLE_COLUMNS
+                if not math.isnan(overall.get(f"{y}_{col}", math.nan))}
         out["eval/total"] = sum(w * out[f"eval/{name}"] for name, w in self.rewards.weights.items())
         return out
-
-    @contextmanager
-    def _ema_weights(self) -> Iterator[None]:
-        params = self.policy.trainable_parameters()
-        self.ema.store(params)
-        self.ema.copy_to(params)
-        try:
-            yield
-        finally:
-            self.ema.restore(params)
 
     def after_step(self, metrics: dict[str, float]) -> None:
         t = self.recipe.train
@@ -315,6 +406,26 @@ class Trainer(Harness):
             from editrl.summary import print_eval_before_after
 
             print_eval_before_after(self.run_dir, console)
+            # The first evaluation's edits (kept, not re-run) beside the last's; no grid for text-to-video data.
+            kept = self.eval_picks[0][1] if len(self.eval_picks) == 2 else []
+            if kept and all(s.source is not None for s, _ in kept):
+                (first, before), (_, after) = self.eval_picks
+                start = "SFT start" if first == 0 and self.recipe.policy.init_from else f"step {first}"
+                rows = [(sample, [a, b]) for (sample, a), (_, b) in zip(before, after)]
+                path = save_grid(self.run_dir / "before_after.png", rows, frames=1, labels=(start, "after GRPO"))
+                console.print(f"frame grid (source | {start} | after GRPO | target, middle frame): {path}")
+
+
+def _cat_rewards(outs: list[dict[str, RewardOutput]]) -> dict[str, RewardOutput]:
+    """Reward outputs of consecutive chunks as one per reward."""
+    return {
+        name: RewardOutput(
+            torch.cat([o[name].scores for o in outs]),
+            torch.cat([o[name].valid for o in outs]),
+            {k: [v for o in outs for v in o[name].extras.get(k, [])] for k in {k for o in outs for k in o[name].extras}},
+        )
+        for name in outs[0]
+    }
 
 
 def _done(value: Any) -> cf.Future:
@@ -354,6 +465,6 @@ def warm_start(recipe: Recipe) -> Path:
     return out
 
 
-def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
+def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, accept_changes: bool = False) -> Path:
     """Run a recipe to its last step (or continue it with `resume`); returns the run directory."""
-    return Trainer(recipe, resume=resume, overwrite=overwrite).fit()
+    return Trainer(recipe, resume=resume, overwrite=overwrite, accept_changes=accept_changes).fit()

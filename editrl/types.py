@@ -91,6 +91,8 @@ class Trajectory:
     next_latents: Tensor  # (B, S, ...)
     log_probs: Tensor  # (B, S)
     final: Tensor  # (B, ...) x at sigma = 0
+    # (B, S, ...) what an objective needs besides: the rollout's step means (GRPO-Guard), NFT's noised x0 and old velocity
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
     def index(self, idx: Tensor) -> Trajectory:
         return replace(
@@ -99,6 +101,7 @@ class Trajectory:
             next_latents=self.next_latents[idx],
             log_probs=self.log_probs[idx],
             final=self.final[idx],
+            extras={k: v[idx] for k, v in self.extras.items()},
         )
 
     @staticmethod
@@ -110,6 +113,7 @@ class Trajectory:
             next_latents=torch.cat([t.next_latents for t in trajs]),
             log_probs=torch.cat([t.log_probs for t in trajs]),
             final=torch.cat([t.final for t in trajs]),
+            extras={k: torch.cat([t.extras[k] for t in trajs]) for k in first.extras},
         )
 
 

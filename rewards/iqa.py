@@ -36,6 +36,7 @@ class Iqa:
     """Any pyiqa metric on a few frames: a no-reference one scores the edit, a full-reference one compares it with the source."""
 
     needs: ClassVar[set[str]] = {"edited", "source"}  # narrowed per instance: NR metrics need "edited" only
+    required: ClassVar[tuple[str, ...]] = ("edited",)  # what every metric reads (FR ones the source too, known once built)
 
     class Options(StrictModel):
         metric: str

@@ -100,9 +100,9 @@ LAYERS = [
     {"config", "monitor"},  # the recipe schema; the console, logs and progress bars
     {"sde", "grpo", "metrics"},  # the maths: pure tensor functions
     {"policy", "reward", "data.base", "preflight"},  # what plugins implement, and the checks of a recipe against them
-    {"data.manifest", "data.prompts", "data.synth"},  # datasets
-    {"harness", "checkpoint", "distributed", "rollout", "evaluate", "sft", "trainer", "summary"},  # the loop
-    {"commands", "cli", "inference", "judge", "sweep", "data.cli", "__main__"},  # commands: the console's owner
+    {"data.manifest", "data.prompts", "data.scenes", "data.procedural", "data.synth"},  # datasets
+    {"harness", "checkpoint", "distributed", "rollout", "evaluate", "sft", "trainer", "summary", "sentinel"},  # the loop
+    {"commands", "cli", "inference", "judge", "audit", "sweep", "data.cli", "__main__"},  # commands: the console's owner
 ]
 
 

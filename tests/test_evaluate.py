@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from editrl import metrics
 from editrl.data.manifest import ManifestDataset
-from editrl.data.synth import OPS, synthesize
+from editrl.data.procedural import OPS
+from editrl.data.synth import synthesize
 from editrl.evaluate import OVERALL, EvalReport, evaluate
 from editrl.reward import FunctionReward, RewardSet
 from editrl.types import EditSample
@@ -140,7 +141,7 @@ def test_eval_command_runs_the_benchmark(data_dir, tmp_path, monkeypatch):
 
     def fake_editor(checkpoint, steps, seed, device):
         calls.update(checkpoint=checkpoint, steps=steps, seed=seed)
-        return return_target, None
+        return return_target, None, None
 
     monkeypatch.setattr(ev, "checkpoint_editor", fake_editor)
     cli = typer.Typer()

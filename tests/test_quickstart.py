@@ -48,7 +48,8 @@ def test_paper_recipe_dry_run_lists_every_missing_piece_and_fails(tmp_path):
     for i, judge in enumerate(("vlm_fidelity", "vlm_preservation", "vlm_aesthetics")):
         assert f"missing: rewards.terms.{i} ({judge}): judge server http://127.0.0.1:9/v1 is not reachable" in out
     assert "missing: rewards.terms.3 (laion_aesthetic): " in out
-    assert "not ready: 10 " in out
+    assert "missing: run.device: cuda, but torch sees no CUDA GPU on this machine" in out
+    assert "not ready: 11 " in out
 
 
 def test_quickstart_dry_run_is_ready_and_policy_preflight_checks_local_weights(tmp_path):
@@ -64,11 +65,13 @@ def test_quickstart_dry_run_is_ready_and_policy_preflight_checks_local_weights(t
                         f"vae: {tmp_path / 'empty'} has no config.json (not a saved model)"]
 
 
-def test_reward_ablation_spec_has_four_variants_over_three_seeds():
+def test_reward_ablation_spec_has_four_variants_and_a_control_over_three_seeds():
     spec, base = load_spec(ABLATION)
     runs = expand(spec, base)  # validates every run's recipe
-    assert list(spec.variants) == ["full", "no_fidelity", "no_preservation", "no_quality"]
-    assert len(spec.seeds) >= 3 and len(runs) == 4 * len(spec.seeds)
+    assert list(spec.variants) == ["full", "no_fidelity", "no_preservation", "no_quality", "shuffled_advantages"]
+    assert len(spec.seeds) >= 3 and len(runs) == 5 * len(spec.seeds)
+    control = load_recipe(base, spec.variants["shuffled_advantages"])
+    assert control.grpo.shuffle_advantages and all(w > 0 for w in control.rewards.weights().values())
     terms = [t.label for t in load_recipe(base).rewards.terms]
     for variant, term in zip(("no_fidelity", "no_preservation", "no_quality"), terms):
         weights = load_recipe(base, spec.variants[variant]).rewards.weights()

@@ -10,13 +10,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from editrl.base import DataError
 from editrl.data.base import build_dataset
 from editrl.data.manifest import ManifestDataset, write_manifest, write_sample
+from editrl.data.procedural import OPS, ProceduralGenerator
 from editrl.data.synth import (
     GENERATORS,
-    OPS,
     PairGenerator,
-    ProceduralGenerator,
     SyntheticDataset,
     sample_rng,
     synthesize,
@@ -119,7 +119,7 @@ def test_synthesize_refuses_bad_requests(tmp_path):
     with pytest.raises(ValueError, match="at least 16x16"):
         synthesize(tmp_path / "x", 2, frames=FRAMES, size=(8, 8), progress=False)
     synthesize(tmp_path / "y", 1, frames=FRAMES, size=SIZE, progress=False)
-    with pytest.raises(FileExistsError, match="already holds a manifest.jsonl"):
+    with pytest.raises(DataError, match="already holds a manifest.jsonl"):
         synthesize(tmp_path / "y", 1, frames=FRAMES, size=SIZE, progress=False)
 
 

@@ -6,26 +6,12 @@ Only typer is imported at module level (this module is loaded for every `editrl`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 import typer
 
 OnError = Literal["skip", "fail"]
 data_app = typer.Typer(no_args_is_help=True, help="Paired edit data: synthesise it, check a folder of your own.")
-
-
-def _cli(fn: Callable[[], Any]) -> Any:
-    """Expected errors (bad options, bad rows, missing files) become one red line and exit code 2."""
-    from editrl.commands import console, run_cli
-
-    def guarded() -> Any:
-        try:
-            return fn()
-        except (ValueError, FileExistsError) as e:
-            console.print(f"[red]error:[/red] {e}", highlight=False)
-            raise typer.Exit(2) from None
-
-    return run_cli(guarded)
 
 
 def _split_ops(ops: list[str] | None) -> list[str] | None:
@@ -52,7 +38,7 @@ def synth(
     Example:
       editrl data synth --out data/synth --n 1000 --seed 0
     """
-    from editrl.commands import console
+    from editrl.commands import console, run_cli
 
     def go() -> None:
         from editrl.data.synth import synthesize
@@ -60,25 +46,28 @@ def synth(
         path = synthesize(out, n, seed, _split_ops(ops), frames, size, split, generator, workers)
         console.print(f"[green]wrote[/green] {n} samples to {path}")
 
-    _cli(go)
+    run_cli(go)
 
 
 @data_app.command("check")
 def check(
     data: Path = typer.Argument(..., help="a data folder, or its manifest.jsonl"),
     on_error: OnError = typer.Option("skip", "--on-error", help="skip: list every bad row; fail: stop at the first"),
+    allow_outside: bool = typer.Option(False, "--allow-outside", help="accept media paths outside the data folder"),
 ) -> None:
-    """Check a manifest: every row's keys, instruction and media files, reported with line numbers.
+    """Check a manifest: every row's keys, instruction and media files (every frame decoded), and that the clips
+    can share a batch; problems are reported with line numbers and exit code 1.
 
     Example:
       editrl data check data/my_edits
     """
-    from editrl.commands import console
+    from editrl.commands import console, run_cli
 
     def go() -> None:
         import logging
 
-        from editrl.data.manifest import load_manifest, manifest_path
+        from editrl.base import DataError
+        from editrl.data.manifest import batch_problem, load_manifest, manifest_path
 
         problems: list[str] = []
 
@@ -90,20 +79,25 @@ def check(
         log = logging.getLogger("editrl.data.manifest")
         log.addHandler(handler)
         try:
-            entries = load_manifest(data, on_error=on_error)
-        finally:
+            entries = load_manifest(data, on_error=on_error, decode=True, allow_outside=allow_outside)
+        finally:  # also before a "no usable rows" error: the list says what is wrong with each
             log.removeHandler(handler)
-        for p in problems:
-            console.print(f"[red]bad row:[/red] {p}", highlight=False)
+            for p in problems:
+                console.print(f"[red]bad row:[/red] {p}", highlight=False)
+        mixed = batch_problem(entries)
+        if mixed and on_error == "fail":
+            raise DataError(f"{manifest_path(data)}: {mixed}")
+        if mixed:
+            console.print(f"[red]mixed sizes:[/red] {mixed}", highlight=False)
         cats: dict[str, int] = {}
         for e in entries:
             cats[e.row.category or "uncategorised"] = cats.get(e.row.category or "uncategorised", 0) + 1
         summary = ", ".join(f"{k}: {v}" for k, v in sorted(cats.items()))
         console.print(f"[green]{len(entries)} usable rows[/green] in {manifest_path(data)} ({summary})", highlight=False)
-        if problems:
+        if problems or mixed:
             raise typer.Exit(1)
 
-    _cli(go)
+    run_cli(go)
 
 
 def evaluate_command(
@@ -118,7 +112,8 @@ def evaluate_command(
     on_error: OnError = typer.Option("fail", "--on-error", help="bad manifest rows: fail, or skip them"),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
-    """Benchmark a checkpoint on held-out data: oracle fidelity/preservation/temporal per category.
+    """Benchmark a checkpoint on held-out data: oracle fidelity/preservation/temporal per category, beside what
+    returning the source scores (copy) and what the policy's VAE makes of the target (ceiling).
 
     Writes results.md, results.csv, samples.csv and a frame grid (grid.png) to --out. The end of `editrl train`
     prints this command for the run's held-out split.
@@ -126,26 +121,27 @@ def evaluate_command(
     Example:
       editrl eval --checkpoint runs/quickstart/grpo --data data/synth_test
     """
-    from editrl.commands import console
+    from editrl.commands import console, run_cli
 
     def go() -> None:
         from editrl.evaluate import checkpoint_editor, recipe_rewards
 
-        edit_fn, recipe = checkpoint_editor(checkpoint, steps, seed, device)
+        edit_fn, recipe, policy = checkpoint_editor(checkpoint, steps, seed, device)
         run_benchmark(edit_fn, data, out or checkpoint / "eval", recipe_rewards(recipe) if rewards else None,
-                      batch_size, limit, on_error, console)
+                      batch_size, limit, on_error, console, policy)
 
-    _cli(go)
+    run_cli(go)
 
 
 def run_benchmark(edit_fn: Any, data: Path, out: Path, rewards: Any, batch_size: int, limit: int | None,
-                  on_error: OnError, console: Any) -> None:
+                  on_error: OnError, console: Any, policy: Any = None) -> None:
     """Everything `editrl eval` does after the policy is loaded (tests drive it with trivial editors)."""
     from editrl.data.manifest import ManifestDataset
-    from editrl.evaluate import evaluate
+    from editrl.evaluate import evaluate, yardsticks
 
     dataset = ManifestDataset(ManifestDataset.Options(path=str(data), on_error=on_error))
-    report = evaluate(edit_fn, dataset, rewards=rewards, batch_size=batch_size, limit=limit, out_dir=out)
+    marks = yardsticks(dataset, policy, batch_size, limit)
+    report = evaluate(edit_fn, dataset, rewards=rewards, batch_size=batch_size, limit=limit, out_dir=out, yardsticks=marks)
     console.print(report.to_markdown(), highlight=False, markup=False)
     console.print(f"[green]wrote[/green] {out}/results.md, results.csv, samples.csv, grid.png")
 

@@ -10,8 +10,12 @@ the folder (absolute paths work too):
 Only `id`, `instruction` and `source` are required: a folder of a user's own videos and instructions
 is read exactly like the synthetic data. Masks are `.npz` files holding a bool array `mask` of shape
 (T, 1, H, W), (T, H, W) or (H, W) (one mask for every frame), True where change is allowed.
-Every row is checked when the dataset is opened (JSON, keys, non-empty instruction, files present and
-readable); a bad row is reported as `manifest.jsonl:LINE: problem` and skipped or fatal (`on_error`).
+Every row is checked when the dataset is opened (JSON, keys, non-empty instruction, files present, inside the
+folder and readable); a bad row is reported as `manifest.jsonl:LINE: problem` and skipped or fatal (`on_error`).
+Media paths must stay inside the manifest's folder (`..` or an absolute path elsewhere is refused), so a manifest
+from elsewhere cannot make training read arbitrary files; `allow_outside: true` (a data option, or
+`editrl data check --allow-outside`) lifts this for a manifest you wrote yourself. Symlinks inside the folder are
+followed: placing them there is the folder owner's choice.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +33,8 @@ import numpy as np
 import torch
 from pydantic import Field, ValidationError, field_validator
 
-from editrl.data.video import MediaError, read_image, read_video, write_image, write_video
-from editrl.base import StrictModel
+from editrl.data.video import MediaError, probe_video, read_image, read_video, write_image, write_video
+from editrl.base import DataError, StrictModel
 from editrl.types import EditSample
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -39,7 +44,7 @@ VIDEO_FIELDS = ("source", "target", "edited")
 logger = logging.getLogger(__name__)
 
 
-class ManifestError(ValueError):
+class ManifestError(DataError):
     """A manifest problem; the message starts with `file:line:` when a row is at fault."""
 
 
@@ -56,7 +61,7 @@ class ManifestRow(StrictModel):
     edited: str | None = None
     meta: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("id", "instruction")
+    @field_validator("id", "instruction", "source")
     @classmethod
     def _not_blank(cls, v: str) -> str:
         if not v.strip():
@@ -72,6 +77,7 @@ class ManifestEntry:
     root: Path
     line: int
     manifest: Path
+    shape: tuple[int, int, int] | None = None  # the source's (frames, height, width), when its frames were decoded
 
     def path(self, name: str) -> Path | None:
         value = getattr(self.row, name)
@@ -171,20 +177,6 @@ def write_manifest(folder: str | Path, rows: list[ManifestRow]) -> Path:
 # ---------------------------------------------------------------- reading
 
 
-def _probe_video(path: Path) -> None:
-    """Open the container and its first video stream: catches missing, truncated and non-video files cheaply."""
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise MediaError(f"{path} has no video stream")
-    except MediaError:
-        raise
-    except Exception as e:
-        raise MediaError(f"cannot read video {path}: {e}") from e
-
-
 def _probe_image(path: Path) -> None:
     from PIL import Image, UnidentifiedImageError
 
@@ -195,19 +187,66 @@ def _probe_image(path: Path) -> None:
         raise MediaError(f"cannot read image {path}: {e}") from e
 
 
-def _check_entry(entry: ManifestEntry) -> None:
+def _fitted_mask(path: Path, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The mask at `path` for a source of (T, C, H, W) `shape`: one (T, 1, H, W) mask, or a MediaError naming it."""
+    mask = load_mask(path, frames=shape[0])[: shape[0]]
+    if tuple(mask.shape) != (shape[0], 1, *shape[2:]):
+        t, h, w = shape[0], *shape[2:]
+        raise MediaError(f"mask {name} is {tuple(mask.shape)}; a source of {t} frames of {h}x{w} needs ({t}, 1, {h}, {w})")
+    return mask
+
+
+def _outside(entry: ManifestEntry) -> str | None:
+    """The first media field whose path leaves the manifest's folder (lexically: `..`, or absolute elsewhere)."""
+    root = os.path.normpath(entry.root.absolute())
+    for name in MEDIA_FIELDS:
+        path = entry.path(name)
+        if path is not None and not Path(os.path.normpath(path.absolute())).is_relative_to(root):
+            return name
+    return None
+
+
+def _check_entry(entry: ManifestEntry, decode: bool) -> tuple[int, int, int] | None:
+    """Every media file of a row is there and opens; with `decode`, every video decodes to the source's shape.
+    Returns the source's (frames, height, width) when decoded."""
+    shape = None
     for name in MEDIA_FIELDS:
         path = entry.path(name)
         if path is None:
             continue
+        value = getattr(entry.row, name)
         if not path.is_file():
-            raise MediaError(f"{name} file {getattr(entry.row, name)} not found")
+            raise MediaError(f"{name} {value} is not a file" if path.exists() else f"{name} file {value} not found")
         if name in VIDEO_FIELDS:
-            _probe_video(path)
+            dims = probe_video(path, decode)
+            if decode and shape is None:
+                shape = dims
+            elif decode and dims != shape:
+                raise MediaError(f"{name} {value} is {dims[0]} frames of {dims[1]}x{dims[2]} but source is "
+                                 f"{shape[0]} frames of {shape[1]}x{shape[2]}")
         elif name == "reference":
             _probe_image(path)
+        elif shape is not None:
+            _fitted_mask(path, value, (shape[0], 1, *shape[1:]))
         else:
             load_mask(path)
+    return shape
+
+
+def batch_problem(entries: list[ManifestEntry], limit: int = 5) -> str | None:
+    """Why decoded rows cannot share a batch (their sources differ in shape), naming the odd files; None if they can."""
+    groups: dict[tuple[int, int, int], list[ManifestEntry]] = {}
+    for e in entries:
+        if e.shape is not None:
+            groups.setdefault(e.shape, []).append(e)
+    if len(groups) < 2:
+        return None
+    common, *others = sorted(groups, key=lambda k: -len(groups[k]))
+    odd = [e for k in others for e in groups[k]]
+    sizes = ", ".join(f"{len(groups[k])} of {k[0]} frames of {k[1]}x{k[2]}" for k in (common, *others))
+    names = ", ".join(f"{e.row.source} (line {e.line})" for e in odd[:limit]) + (" ..." if len(odd) > limit else "")
+    return (f"source clips differ in size ({sizes}) and a batch needs one size: resize or trim them, or split the "
+            f"folder; not {common[0]} frames of {common[1]}x{common[2]}: {names}")
 
 
 def _row_error(err: ValidationError) -> str:
@@ -223,11 +262,18 @@ def _row_error(err: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def load_manifest(path: str | Path, on_error: Literal["skip", "fail"] = "fail", check_media: bool = True) -> list[ManifestEntry]:
+def load_manifest(
+    path: str | Path,
+    on_error: Literal["skip", "fail"] = "fail",
+    check_media: bool = True,
+    decode: bool = False,
+    allow_outside: bool = False,
+) -> list[ManifestEntry]:
     """Parse and check every row. Bad rows raise ManifestError (`fail`) or are logged and dropped (`skip`).
 
-    `check_media` opens each referenced file (headers only) so that an unreadable video is reported
-    with its line number now rather than as a crash mid-training.
+    `check_media` opens each referenced file (headers only) so that an unreadable video is reported with its line
+    number now rather than as a crash mid-training; `decode` (`editrl data check`) decodes every frame too, and
+    records each source's shape for `batch_problem`.
     """
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
@@ -255,8 +301,14 @@ def load_manifest(path: str | Path, on_error: Literal["skip", "fail"] = "fail", 
             if row.id in seen:
                 raise ManifestError(f"duplicate id {row.id!r} (first on line {seen[row.id]})")
             entry = ManifestEntry(row, root, number, manifest)
+            outside = None if allow_outside else _outside(entry)
+            if outside is not None:
+                raise ManifestError(
+                    f"{outside} {getattr(row, outside)} is outside the data folder {root}: move it in, or allow it "
+                    "with the data option allow_outside: true (editrl data check --allow-outside)"
+                )
             if check_media:
-                _check_entry(entry)
+                entry = ManifestEntry(row, root, number, manifest, _check_entry(entry, decode))
         except (ManifestError, MediaError) as e:
             message = f"{manifest}:{number}: {e}"
             if on_error == "fail":
@@ -292,12 +344,8 @@ def _decode(entry: ManifestEntry, max_frames: int | None) -> EditSample:
     for name, value in (("target", target), ("edited", edited)):
         if value is not None and value.shape != source.shape:
             raise MediaError(f"{name} {getattr(row, name)} is {tuple(value.shape)} but source is {tuple(source.shape)}")
-    mask = None
     mask_path = entry.path("mask")
-    if mask_path is not None:
-        mask = load_mask(mask_path, frames=source.shape[0])[: source.shape[0]]
-        if tuple(mask.shape) != (source.shape[0], 1, *source.shape[2:]):
-            raise MediaError(f"mask {row.mask} is {tuple(mask.shape)} for a source of {tuple(source.shape)}")
+    mask = None if mask_path is None else _fitted_mask(mask_path, row.mask, tuple(source.shape))  # type: ignore[arg-type]
     reference_path = entry.path("reference")
     return EditSample(
         id=row.id,
@@ -319,19 +367,34 @@ class ManifestDataset:
         path: str
         on_error: Literal["skip", "fail"] = "fail"
         max_frames: int | None = Field(None, ge=1)
+        allow_outside: bool = False  # media paths may leave the manifest's folder (only for a manifest you trust)
 
         def check(self) -> None:
             manifest_path(self.path)
 
     def __init__(self, options: Options) -> None:
         self.options = options
-        self.entries = load_manifest(options.path, on_error=options.on_error)
+        self.entries = load_manifest(options.path, on_error=options.on_error, allow_outside=options.allow_outside)
+        self.broken: set[int] = set()  # rows that failed to decode mid-run (`skip`): never decoded again
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> EditSample:
-        return load_sample(self.entries[index], max_frames=self.options.max_frames)
+        """Row `index`; under `on_error: skip` a row whose media fail to decode is reported once and the next good
+        row takes its place (deterministically, so every rank and a resumed run draw the same)."""
+        n = len(self.entries)
+        for i in ((index + k) % n for k in range(n)):
+            if i in self.broken:
+                continue
+            try:
+                return load_sample(self.entries[i], max_frames=self.options.max_frames)
+            except MediaError as e:
+                if self.options.on_error == "fail":
+                    raise MediaError(f"{e} (find every such clip with `editrl data check`, or set on_error: skip)") from None
+                self.broken.add(i)
+                logger.warning("skipping row: %s; the next row takes its place", e)
+        raise ManifestError(f"{self.entries[0].manifest}: no row decodes (run `editrl data check` on it)")
 
     @property
     def categories(self) -> list[str | None]:

@@ -6,11 +6,13 @@ from pathlib import Path
 
 from pydantic import model_validator
 
-from editrl.base import StrictModel
+from editrl.base import DataError, StrictModel
 from editrl.types import EditSample
 
 
 class PromptDataset:
+    provides = frozenset({"instruction"})  # the EditSample fields it fills (preflight checks rewards' needs against it)
+
     class Options(StrictModel):
         prompts: list[str] | None = None
         file: str | None = None  # one prompt per line
@@ -19,6 +21,8 @@ class PromptDataset:
         def _one_source(self) -> "PromptDataset.Options":
             if (self.prompts is None) == (self.file is None):
                 raise ValueError("give exactly one of `prompts` or `file`")
+            if self.prompts is not None and not any(p.strip() for p in self.prompts):
+                raise ValueError("`prompts` is empty: give at least one instruction")
             return self
 
         def check(self) -> None:
@@ -30,7 +34,7 @@ class PromptDataset:
         prompts = options.prompts if options.prompts is not None else Path(options.file).read_text().splitlines()  # type: ignore[arg-type]
         self.prompts = [p.strip() for p in prompts if p.strip()]
         if not self.prompts:
-            raise ValueError("the prompt dataset is empty")
+            raise DataError(f"{options.file} holds no prompt: write one instruction per line")
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -8,11 +8,48 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from editrl.base import EditrlError
+from editrl.base import DataError
 
 
-class MediaError(EditrlError, ValueError):
+class MediaError(DataError):
     """A media file that is missing, unreadable or empty; the message names the file."""
+
+
+def _unreadable(path: Path, decoded: int, error: Exception) -> MediaError:
+    where = f" after {decoded} frames (cut short or damaged? re-export it)" if decoded else ""
+    return MediaError(f"cannot read video {path}{where}: {error}")
+
+
+def probe_video(path: str | Path, decode: bool = False) -> tuple[int, int, int]:
+    """(frames, height, width) of a video. Headers only (frames 0 when the header does not say), or with `decode`
+    every frame decoded without conversion: a clip cut short or with frames of changing size fails here, not mid-run."""
+    import av
+
+    path = Path(path)
+    decoded = 0
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            declared, size = stream.frames, (stream.codec_context.height, stream.codec_context.width)
+            if not decode:
+                return declared, *size
+            for frame in container.decode(stream):
+                if not decoded:
+                    size = (frame.height, frame.width)
+                elif (frame.height, frame.width) != size:
+                    raise MediaError(f"{path}: frame {decoded} is {frame.height}x{frame.width}, the first {size[0]}x{size[1]}")
+                decoded += 1
+    except MediaError:
+        raise
+    except Exception as e:
+        raise _unreadable(path, decoded, e) from e
+    if not decoded:
+        raise MediaError(f"{path} contains no frames")
+    if decoded < declared:
+        raise MediaError(f"{path} decodes {decoded} of its {declared} frames (cut short? re-export it)")
+    return decoded, *size
 
 
 def read_video(path: str | Path, max_frames: int | None = None) -> Tensor:
@@ -34,7 +71,7 @@ def read_video(path: str | Path, max_frames: int | None = None) -> Tensor:
     except MediaError:
         raise
     except Exception as e:  # PyAV raises a family of FFmpeg errors; the user needs the file name
-        raise MediaError(f"cannot read video {path}: {e}") from e
+        raise _unreadable(path, len(frames), e) from e
     if not frames:
         raise MediaError(f"{path} contains no frames")
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0

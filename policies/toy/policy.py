@@ -33,6 +33,7 @@ class ToyT2VPolicy(LoraPolicy):
         guidance_scale: float = 1.0
 
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+    edits_video = False  # text-to-video: it ignores a sample's source, so `editrl edit` refuses its checkpoints
 
     def __init__(self, options: Options, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> None:
         from diffusers import WanTransformer3DModel

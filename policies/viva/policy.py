@@ -287,6 +287,10 @@ class VivaPolicy(LoraPolicy):
         video = torch.cat(videos)
         return ((video.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)
 
+    def reconstruct(self, video: Tensor) -> Tensor:
+        """The video through the VAE: the evaluation's ceiling, what an edit reaching the target's latent shows."""
+        return self.decode(self._encode_pixels(video))
+
     def encode_target(self, samples: list[EditSample]) -> Tensor:
         """x0 latents of the targets (SFT)."""
         return self._encode_pixels(self._videos(samples, "target")).to(self.dtype)

@@ -289,7 +289,7 @@ def _fit_videos() -> tuple[torch.Tensor, torch.Tensor]:
     """(train, held-out) videos (B, C, T, H, W) in [-1, 1]: sources and targets of procedural edits of every op."""
     import numpy as np
 
-    from editrl.data.synth import OPS, ProceduralGenerator
+    from editrl.data.procedural import OPS, ProceduralGenerator
 
     cfg = VAE_FIT
     gen = ProceduralGenerator(frames=cfg["frames"], size=cfg["size"])

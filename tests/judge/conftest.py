@@ -39,3 +39,23 @@ def disposable_server(tiny_vlm, tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def invoke_judge():
+    return _invoke_judge
+
+
+def _invoke_judge(tmp_path: Path, recipe: dict, *args: str):
+    """`editrl judge -r <recipe> ARGS` through typer's runner, the recipe written to tmp_path."""
+    import yaml
+    import typer
+    from typer.testing import CliRunner
+
+    from editrl import judge as judge_cmd
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    app = typer.Typer()
+    judge_cmd.register(app)
+    app.command("noop", hidden=True)(lambda: None)  # a second command keeps `judge` a subcommand
+    return CliRunner().invoke(app, ["judge", "-r", str(tmp_path / "r.yaml"), *args], env={"COLUMNS": "200"})

@@ -117,10 +117,7 @@ def test_requests_run_concurrently_up_to_the_limit(judge_server, tmp_path):
     assert state["peak"] == 4
 
 
-def test_editrl_judge_scores_a_folder_through_the_server(judge_server, tmp_path):
-    import typer
-
-    from editrl import judge as judge_cmd
+def test_editrl_judge_scores_a_folder_through_the_server(judge_server, tmp_path, invoke_judge):
     from editrl.data.manifest import write_manifest, write_sample
     from editrl.types import EditSample
 
@@ -135,13 +132,8 @@ def test_editrl_judge_scores_a_folder_through_the_server(judge_server, tmp_path)
         "data": {"train": {"kind": "prompts", "options": {"prompts": ["x"]}}},
         "rewards": [{"name": "vlm_fidelity", "options": opts(judge_server)}, {"name": "vlm_aesthetics", "options": opts(judge_server)}],
     }
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    app = typer.Typer()
-    judge_cmd.register(app)
-    app.command("noop", hidden=True)(lambda: None)
     out = tmp_path / "scores.jsonl"
-    args = ["judge", "-r", str(tmp_path / "r.yaml"), "-d", str(tmp_path / "data"), "--out", str(out)]
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    result = invoke_judge(tmp_path, recipe, "-d", str(tmp_path / "data"), "--out", str(out))
     assert result.exit_code == 0, result.output
     assert result.output.count("(3/3 valid)") == 2
     scores = [json.loads(line)["scores"] for line in out.read_text().splitlines()]
