@@ -19,6 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from editrl.base import RecipeError
+
 if TYPE_CHECKING:
     import torch
 
@@ -163,9 +165,14 @@ _SINK, _TO_SINK = _LibrarySink(), _ToSink()
 
 @contextmanager
 def library_log(path: Path) -> Iterator[Path]:
-    """While open, what `quiet_libraries` keeps off the console is appended to `path` (else it is dropped)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    """While open, what `quiet_libraries` keeps off the console is appended to `path` (else it is dropped).
+
+    It is the first file a run writes, so an output folder that cannot be written is refused here, before any work."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as e:
+        raise RecipeError(f"run.output_dir: cannot write to {path.parent} ({e.strerror}): choose a writable folder") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     previous, _SINK.file = _SINK.file, handler
     try:

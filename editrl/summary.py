@@ -64,7 +64,12 @@ def run_summary(run_dir: Path, recipe: Any) -> tuple[list[tuple[str, str]], list
         places.append(("checkpoints", f"{_show(find_checkpoint(run_dir))} (latest)"))
     except FileNotFoundError:
         places.append(("checkpoints", "none written"))
+    best = run_dir / "checkpoints" / "best"
+    if best.is_dir():
+        places.append(("best checkpoint", f"{_show(best)} (train.sentinel.best)"))
     places.append(("metrics", _show(run_dir / "metrics.jsonl")))
+    if (run_dir / "sentinel.log").is_file():
+        places.append(("sentinel alarms", _show(run_dir / "sentinel.log")))
     tensorboard = Path(sys.executable).with_name("tensorboard")
     places.append(("TensorBoard", f"{_show(tensorboard) if tensorboard.is_file() else 'tensorboard'} --logdir {run}/tensorboard"))
     videos = sorted((run_dir / "samples").rglob("*.mp4"))
@@ -91,8 +96,8 @@ def run_summary(run_dir: Path, recipe: Any) -> tuple[list[tuple[str, str]], list
     return places, commands
 
 
-def skipped_samples(run_dir: Path, world_size: int = 1) -> tuple[list[str], bool]:
-    """(per reward with invalid scores, how many samples it left out over the run; whether any sample was trained),
+def unscored_samples(run_dir: Path, world_size: int = 1) -> tuple[list[str], bool]:
+    """(per reward with invalid scores, how many samples it gave no score over the run; whether any sample was trained),
     from an Edit-GRPO run's metrics.jsonl, whose per-step counts are means over ranks."""
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "samples/trained" in r]
     keys = sorted({k for r in rows for k in r if k.startswith("reward/") and k.endswith("/invalid")})
@@ -100,13 +105,13 @@ def skipped_samples(run_dir: Path, world_size: int = 1) -> tuple[list[str], bool
     for key in keys:
         bad = sum(r.get(key) or 0 for r in rows) * world_size
         if bad:
-            lines.append(f"reward {key[7:-8]!r} had no valid score for {bad:g} samples in {len(rows)} step{'s' * (len(rows) != 1)}")
+            lines.append(f"reward {key[7:-8]!r} gave no score to {bad:g} samples in {len(rows)} step{'s' * (len(rows) != 1)}")
     return lines, not rows or any(r["samples/trained"] for r in rows)
 
 
 def nothing_trained(run_dir: Path, world_size: int = 1) -> str | None:
     """Why an Edit-GRPO run trained no sample at all (one line), or None when it trained some."""
-    lines, trained = skipped_samples(run_dir, world_size)
+    lines, trained = unscored_samples(run_dir, world_size)
     if trained:
         return None
     why = "; ".join(lines) or "every group's rewards tied, so every advantage was 0"
@@ -115,7 +120,7 @@ def nothing_trained(run_dir: Path, world_size: int = 1) -> str | None:
 
 def print_run_summary(run_dir: Path, recipe: Any, seconds: float, console: Console, world_size: int = 1) -> None:
     places, commands = run_summary(run_dir, recipe)
-    places += [("skipped samples", line) for line in skipped_samples(run_dir, world_size)[0]]
+    places += [("unscored samples", line) for line in unscored_samples(run_dir, world_size)[0]]
     table = Table.grid(padding=(0, 2))
     for what, where in places:
         table.add_row(f"  {what}", escape(where))

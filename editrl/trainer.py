@@ -211,7 +211,9 @@ class Trainer(Harness):
                     + (f" ({'; '.join(reasons[:3])})" if reasons else ""))
             if rc.on_failure == "fail":
                 raise TrainingError(what + "; stopping because rewards.on_failure=fail (use 'skip' to exclude them and continue)")
-            if name not in self.warned and self.backend.is_main:  # once per reward; the run's summary counts them all
+            # Once per reward, and only for a fault (an error recorded): a score that does not apply (a global edit has
+            # no region to preserve) is no news. The run's summary counts every unscored sample.
+            if reasons and name not in self.warned and self.backend.is_main:
                 self.warned.add(name)
                 console.print(f"warning: {what}; skipping them (rewards.on_failure=skip)", style="yellow", markup=False, soft_wrap=True)
         total, ok = self._total(ro)

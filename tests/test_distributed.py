@@ -32,6 +32,9 @@ COMMON = ["train.progress=false", "run.threads=1", "train.steps=3", "train.save_
 CASES: dict[str, tuple[str, list[str], tuple[int, ...]]] = {
     "toy": ("toy", COMMON + ['rewards.terms=[{name: "test_distributed:brightness_or_none"}]'], STAGES),
     "viva_tiny": ("viva_tiny", COMMON + ["data.train.options.n=8"], STAGES),
+    # Dynamic sampling: groups left without two scores are redrawn, each on the rank that holds the group.
+    "toy_resample_tied": ("toy", COMMON + ['rewards.terms=[{name: "test_distributed:brightness_or_none"}]',
+                                          "grpo.resample_tied=2"], STAGES),
 }
 # The tiny DiTs' tensors are all below DeepSpeed's persistence threshold (1e5 elements), which would keep
 # them whole on every rank; the comms logger counts the all-gathers.
@@ -397,3 +400,13 @@ def test_ema_is_refused_under_zero3() -> None:
 
 if __name__ == "__main__":
     worker(sys.argv[1])
+
+
+@pytest.mark.slow
+def test_resampled_groups_match_one_process(tmp_path_factory: Any) -> None:
+    """Dynamic sampling draws the same extra groups on 2 ranks as on 1 (and it did draw some)."""
+    _, single, ranks, _ = _runs("toy_resample_tied", tmp_path_factory)
+    drawn = [(m["groups/resampled"], m["groups/still_tied"]) for m in single["metrics"]]
+    assert sum(d for d, _ in drawn) > 0, drawn
+    for stage in STAGES:
+        assert [(m["groups/resampled"], m["groups/still_tied"]) for m in ranks[stage][0]["metrics"]] == drawn, stage

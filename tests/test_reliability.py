@@ -113,6 +113,21 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(existing_run, args, expe
     assert snapshot(existing_run) == before
 
 
+def test_unwritable_output_and_empty_data_are_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me")
+    cases = [
+        ([f"run.output_dir={blocker / 'run'}"], f"run.output_dir: cannot write to {blocker / 'run'} (Not a directory)"),
+        ([f"run.output_dir={tmp_path / 'run'}", "data.train.options.prompts=[]"],
+         "data.train.options: `prompts` is empty: give at least one instruction"),
+    ]
+    for args, expected in cases:
+        result = cli("toy", *FAST, *args)
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert expected in result.output, result.output
+    assert blocker.read_text() == "keep me"
+
+
 @pytest.mark.parametrize("args", [["optim.eps=-1"], ["run.device=cuda:99"], ["--resume", "grpo.beta=0.1"]])
 def test_dry_run_refuses_what_training_would(existing_run, args):
     result = cli("toy", *FAST, f"run.output_dir={existing_run}", "--dry-run", *args)
@@ -178,13 +193,13 @@ def test_reward_faults_follow_on_failure(tmp_path, plugins, reward, on_failure, 
     assert last.startswith("error: ") and expected in last, result.output
     if on_failure == "skip":
         assert "warning: reward 'faulty:raises': 8 of 8 samples have no valid score" in result.output
-        assert f"reward '{reward}' had no valid score for 8 samples in 1 step" in last
+        assert f"reward '{reward}' gave no score to 8 samples in 1 step" in last
 
 
-def test_skipped_samples_are_counted_in_the_summary(tmp_path, plugins):
+def test_unscored_samples_are_counted_in_the_summary(tmp_path, plugins):
     result = cli("toy", *FAST, "train.steps=2", f"run.output_dir={tmp_path / 'run'}", 'rewards.terms=[{name: "faulty:half"}]')
     assert result.exit_code == 0, result.output
-    assert "reward 'faulty:half' had no valid score for 8 samples in 2 steps" in " ".join(result.output.split())
+    assert "reward 'faulty:half' gave no score to 8 samples in 2 steps" in " ".join(result.output.split())
 
 
 def test_cuda_devices_are_checked_against_this_machine(monkeypatch):
