@@ -31,7 +31,7 @@ def eval_before_after(run_dir: Path) -> Table | None:
     first, last = rows[0], rows[-1]
     table = Table(title=f"held-out eval split: step {first['step']} -> step {last['step']}")
     for column in ("metric", f"step {first['step']}", f"step {last['step']}", "change", "copy", "ceiling", "gap closed"):
-        table.add_column(column, justify="left" if column == "metric" else "right")
+        table.add_column(column, justify="left" if column == "metric" else "right", no_wrap=True)
     marks = tuple(f"eval/{y}/" for y in YARDSTICKS)
     for key in sorted(k for k in last if k.startswith("eval/") and not k.startswith(marks)
                       and last[k] is not None and first.get(k) is not None):
@@ -50,7 +50,13 @@ def eval_before_after(run_dir: Path) -> Table | None:
 def print_eval_before_after(run_dir: Path, console: Console) -> None:
     table = eval_before_after(run_dir)
     if table is not None:
-        console.print(table)
+        # Never cut a metric's name (oracle/fidelity_psnr and oracle/fidelity_ssim would read alike): a narrower
+        # terminal wraps the lines instead, and a log file keeps them whole.
+        width, console.width = console.width, max(console.width, console.measure(table, options=console.options.update_width(1000)).maximum)
+        try:
+            console.print(table)
+        finally:
+            console.width = width
 
 
 def run_summary(run_dir: Path, recipe: Any) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
