@@ -48,24 +48,35 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, prune to the newest `keep`."""
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    final = write_checkpoint(root / f"step_{step:06d}", step, recipe, policy, info, training_state)
+    _write_atomic(root / LATEST, final.name)
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def write_checkpoint(
+    final: Path, step: int, recipe: Recipe, policy: Any, info: dict[str, Any],
+    training_state: dict[str, Any] | None = None,
+) -> Path:
+    """A checkpoint directory `final` (trainable weights, recipe, `state.json`, `state.pt` when `training_state` is
+    given to resume from, checksums), written under a temporary name and swapped in: a crash at any instant leaves
+    the previous one or the new one whole."""
+    tmp, old = (final.with_name(f".{mark}-{final.name}-{os.getpid()}") for mark in ("tmp", "old"))
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(parents=True)
     policy.save_trainable(tmp)
     dump_recipe(recipe, tmp / "recipe.yaml")
-    torch.save({**training_state, "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+    if training_state is not None:
+        torch.save({**training_state, "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=1))
     write_checksums(tmp)
     _fsync_dir(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, old)
     os.replace(tmp, final)
-    _write_atomic(root / LATEST, final.name)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -134,8 +145,9 @@ def find_checkpoint(path: str | Path) -> Path:
     root = checkpoint_root(path)
     steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True) if root.is_dir() else []
     latest = root / LATEST
-    if latest.is_file() and root / latest.read_text().strip() in steps:
-        steps.insert(0, steps.pop(steps.index(root / latest.read_text().strip())))
+    named = root / latest.read_text().strip() if latest.is_file() else None
+    if named in steps:
+        steps.insert(0, steps.pop(steps.index(named)))
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {path} (expected a checkpoint directory or a run directory with checkpoints/)")
     damaged: list[str] = []

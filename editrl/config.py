@@ -317,9 +317,10 @@ def _list_index(node: list[Any], part: str, path: list[str]) -> int:
     return int(part)
 
 
-def _format_error(err: dict[str, Any], root: type[StrictModel]) -> str:
+def _format_error(err: dict[str, Any], root: type[StrictModel], prefix: str = "") -> str:
+    """One line for a pydantic error, named by its key path under `prefix` (a model-level error: `prefix` alone)."""
     loc = [str(p) for p in err["loc"]]
-    path = ".".join(loc)
+    path = ".".join([prefix.rstrip(".")] * bool(prefix) + loc)
     if err["type"] == "extra_forbidden":
         parent = _model_at(root, err["loc"][:-1])
         hint = did_you_mean(loc[-1], _field_names(parent)) if parent else ""
@@ -365,9 +366,7 @@ def validate_model(model: type[StrictModel], data: Any, prefix: str = "") -> Any
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        lines = [_format_error(err, model) for err in e.errors()]
-        # A model-level error has no field path: "data.train.options: ..." rather than "data.train.options.: ...".
-        raise RecipeError("; ".join((prefix + line).replace(".: ", ": ") for line in lines)) from None
+        raise RecipeError("; ".join(_format_error(err, model, prefix) for err in e.errors())) from None
 
 
 def parse_recipe(

@@ -33,6 +33,12 @@ def did_you_mean(name: str, choices: list[str] | tuple[str, ...] | set[str]) -> 
     return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
 
 
+def is_editrl(module_name: str) -> bool:
+    """Whether a module is editrl's own: a plugin of ours that fails is a bug and keeps its traceback, a user's
+    plugin that fails is a one-line error (import) or an invalid score (reward)."""
+    return module_name.split(".")[0] == "editrl"
+
+
 def import_string(path: str) -> Any:
     """Resolve ``"pkg.mod:Attr"`` (or ``"pkg.mod:Outer.inner"``)."""
     module_name, _, attr = path.partition(":")
@@ -43,7 +49,7 @@ def import_string(path: str) -> Any:
     except ImportError as e:
         raise RegistryError(f"cannot import module {module_name!r} for {path!r}: {e}") from e
     except Exception as e:
-        if module_name.split(".")[0] == "editrl":  # editrl's own plugins: a bug, keep its traceback
+        if is_editrl(module_name):
             raise
         where = traceback.extract_tb(e.__traceback__)[-1]
         raise RegistryError(

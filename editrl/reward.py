@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from editrl.base import EditrlError
+from editrl.registry import is_editrl
 from editrl.types import EditSample, RewardBatch, RewardOutput
 
 ALL_NEEDS = frozenset({"instruction", "source", "edited", "reference", "target", "mask", "category"})
@@ -129,7 +130,7 @@ async def _call(reward: Any, batch: RewardBatch) -> RewardOutput:
     except EditrlError:
         raise
     except Exception as e:
-        if getattr(getattr(reward, "fn", reward), "__module__", "").split(".")[0] == "editrl":
+        if is_editrl(getattr(getattr(reward, "fn", reward), "__module__", "")):
             raise
         error = f"{type(e).__name__}: {e}"
         return RewardOutput(torch.zeros(len(batch)), torch.zeros(len(batch), dtype=torch.bool), {"error": [error] * len(batch)})

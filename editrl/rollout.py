@@ -80,7 +80,8 @@ def rollout(
             latents.append(x.float())
             nexts.append(out.prev_sample)
             logps.append(out.log_prob)
-            means.append(out.mean)
+            if keep_means:
+                means.append(out.mean)
         x = out.prev_sample.to(x.dtype)
     idx = torch.tensor(trained_steps, dtype=torch.long)
     return Trajectory(

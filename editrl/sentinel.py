@@ -12,17 +12,14 @@ saves, so `--resume` continues it exactly.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from editrl.base import TrainingError
-from editrl.checkpoint import checkpoint_root, write_checksums
-from editrl.config import Recipe, SentinelConfig, dump_recipe
+from editrl.checkpoint import checkpoint_root, write_checkpoint
+from editrl.config import Recipe, SentinelConfig
 
 BEST = "best"
 
@@ -99,19 +96,5 @@ class Sentinel:
 
 def save_best(run_dir: Path, step: int, recipe: Recipe, policy: Any, info: dict[str, Any]) -> Path:
     """`checkpoints/best`: the policy's trainable weights, the recipe and `state.json` (step, metric, value); loadable
-    wherever a checkpoint is (`editrl eval/edit --checkpoint RUN/checkpoints/best`), not resumable. Written under a
-    temporary name and swapped in, so a crash leaves the previous best or the new one."""
-    root = checkpoint_root(run_dir)
-    tmp, old, best = root / f".tmp-{BEST}-{os.getpid()}", root / f".old-{BEST}-{os.getpid()}", root / BEST
-    for stale in (tmp, old):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    policy.save_trainable(tmp)
-    dump_recipe(recipe, tmp / "recipe.yaml")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=1))
-    write_checksums(tmp)  # checked like any checkpoint's when it is loaded
-    if best.exists():
-        os.replace(best, old)
-    os.replace(tmp, best)
-    shutil.rmtree(old, ignore_errors=True)
-    return best
+    wherever a checkpoint is (`editrl eval/edit --checkpoint RUN/checkpoints/best`), not resumable (no `state.pt`)."""
+    return write_checkpoint(checkpoint_root(run_dir) / BEST, step, recipe, policy, info)
