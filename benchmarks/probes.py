@@ -9,8 +9,10 @@ copying the source, the VAE's reconstruction of the target (the editor's ceiling
 
 Probes: `--tokens zero` (the instruction path carries nothing), `--tokens words` (a fixed random vector per word:
 token identity without the random VLM), `--dit '{"num_layers": 4}'` (a larger tiny DiT, built into the cache),
-any recipe override (`--set data.train.options.n=512`), and the optimisation knobs below. One JSON line per probe
-is appended to `--out`.
+`--vae '{"steps": 2000, "scale_factor_spatial": 2, ...}'` (another VAE config or pre-fit, likewise), `--mask-weight`
+(a loss weighting the latents the edit mask touches), any recipe override (`--set data.train.options.n=512`), and
+the optimisation knobs below; `--device cuda` and `--time-limit` for the GPU grid in probes_gpu.sh. One JSON line
+per probe is appended to `--out`.
 
     EDITRL_CACHE=/tmp/probe-cache .venv/bin/python benchmarks/probes.py base --baselines
     EDITRL_CACHE=/tmp/probe-cache .venv/bin/python benchmarks/probes.py zero --tokens zero --steps 3000
@@ -52,6 +54,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--shift", type=float, default=None, help="training sigma shift (default: the recipe's)")
     p.add_argument("--tokens", choices=["vlm", "zero", "words"], default="vlm")
     p.add_argument("--dit", default=None, help="JSON overrides of the tiny preset's TINY_DIT")
+    p.add_argument("--vae", default=None, help="JSON overrides of TINY_VAE and VAE_FIT (its pre-fit), one object")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--mask-weight", type=float, default=1.0, help="loss weight of latents inside the edit mask")
+    p.add_argument("--time-limit", type=float, default=math.inf, help="stop training after this many seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--baselines", action="store_true")
@@ -68,6 +74,16 @@ def use_dit(overrides: str) -> None:
     presets.PARTS["dit/wan"] = "probe-dit-" + "-".join(f"{k}{v}" for k, v in sorted(extra.items())) + "/dit"
 
 
+def use_vae(overrides: str, device: str) -> None:
+    """Point the tiny preset's VAE at a config (and pre-fit) with `overrides`, built once into its own directory."""
+    from editrl.policies.viva import presets
+
+    extra = json.loads(overrides)
+    presets.TINY_VAE.update({k: v for k, v in extra.items() if k not in presets.VAE_FIT})
+    presets.VAE_FIT.update({k: v for k, v in extra.items() if k in presets.VAE_FIT}, device=device)
+    presets.PARTS["vae/wan"] = "probe-vae-" + "-".join(f"{k}{v}" for k, v in sorted(extra.items())).replace(" ", "") + "/vae"
+
+
 def word_tokens(cond: Condition, samples: list[EditSample]) -> None:
     """Replace the VLM's tokens by one fixed random vector per (lower-cased) word of the instruction."""
     tokens, mask = torch.zeros_like(cond.data["tokens"]), torch.zeros_like(cond.data["mask"])
@@ -82,8 +98,13 @@ def word_tokens(cond: Condition, samples: list[EditSample]) -> None:
 def main() -> None:
     a = parse()
     torch.set_num_threads(1)
+    from editrl.policies.viva import presets
+
+    presets.VAE_FIT["device"] = a.device  # the pre-fit of a preset VAE this run builds
     if a.dit:
         use_dit(a.dit)
+    if a.vae:
+        use_vae(a.vae, a.device)
     from editrl.checkpoint import policy_from_recipe
     from editrl.preflight import load_sft_recipe
 
@@ -91,7 +112,7 @@ def main() -> None:
     shift = rec.sampling.shift if a.shift is None else a.shift
     eval_steps = rec.sampling.eval_steps or rec.sampling.steps
     torch.manual_seed(a.seed)
-    policy = policy_from_recipe(rec, device="cpu", init_from=False)
+    policy = policy_from_recipe(rec, device=a.device, init_from=False)
     data = {
         split: [ds[i] for i in range(len(ds))]
         for split, spec in (("train", rec.data.train), ("held", rec.data.eval))
@@ -114,16 +135,27 @@ def main() -> None:
     enc = {split: encode(samples) for split, samples in data.items()}
     cfg = rec.sft.model_copy(update={"timesteps": a.timesteps})
 
-    def fm_loss(cond: Condition, x0: Tensor, gen: torch.Generator) -> Tensor:
-        eps = torch.randn(x0.shape, generator=gen)
-        sigma = sample_sigmas(x0.shape[0], cfg, shift, gen)
+    def latent_weights(samples: list[EditSample], x0: Tensor) -> Tensor:
+        """(N, 1, T', H', W') loss weights: `--mask-weight` where the edit mask touches a latent, 1 elsewhere."""
+        masks = torch.stack([s.mask[:, 0].float() for s in samples]).to(x0.device)  # type: ignore[index]
+        touched = torch.nn.functional.adaptive_max_pool3d(masks, x0.shape[2:])
+        return (1 + (a.mask_weight - 1) * touched).unsqueeze(1)
+
+    weights = {split: latent_weights(data[split], enc[split][1]) for split in data}
+
+    def fm_loss(cond: Condition, x0: Tensor, gen: torch.Generator, w: Tensor | None = None) -> Tensor:
+        eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+        sigma = sample_sigmas(x0.shape[0], cfg, shift, gen).to(x0.device)
         s = sigma.view(-1, 1, 1, 1, 1)
-        return torch.nn.functional.mse_loss(policy.velocity((1 - s) * x0 + s * eps, sigma, cond).float(), eps - x0)
+        err = (policy.velocity((1 - s) * x0 + s * eps, sigma, cond).float() - (eps - x0)) ** 2
+        return err.mean() if w is None else (err * w).sum() / (w.expand_as(err).sum())
 
     @torch.no_grad()
     def held_loss(split: str) -> float:
         gen = torch.Generator().manual_seed(12345)
-        return sum(float(fm_loss(*enc[split], gen)) for _ in range(4)) / 4
+        cond, x0 = enc[split]
+        n = min(len(x0), 256)
+        return sum(float(fm_loss(cond.index(slice(0, n)), x0[:n], gen)) for _ in range(4)) / 4
 
     @torch.no_grad()
     def score(split: str, mode: str = "policy", limit: int = 32) -> Scores:
@@ -166,34 +198,39 @@ def main() -> None:
     params = policy.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
 
-    def factor(step: int) -> float:
+    def factor(step: int, elapsed: float) -> float:
+        """Warm-up, then cosine decay over the steps or the time limit, whichever ends first."""
         warm = min(1.0, (step + 1) / a.warmup) if a.warmup else 1.0
-        return warm * (0.5 * (1 + math.cos(math.pi * step / a.steps)) if a.cosine else 1.0)
+        done = min(1.0, max(step / a.steps, elapsed / a.time_limit))
+        return warm * (0.5 * (1 + math.cos(math.pi * done)) if a.cosine else 1.0)
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     gen = torch.Generator().manual_seed(a.seed)
     n = len(data["train"])
     order: list[int] = []
     losses = []
     t0 = time.perf_counter()
     for step in range(a.steps):
+        if time.perf_counter() - t0 > a.time_limit:
+            print(f"[{a.name}] time limit: stopped after {step} steps", flush=True)
+            break
+        for group in opt.param_groups:
+            group["lr"] = a.lr * factor(step, time.perf_counter() - t0)
         if len(order) < a.batch_size:
             order = torch.randperm(n, generator=gen).tolist()
         idx, order = order[: a.batch_size], order[a.batch_size :]
         for m in policy.modules_for_training():
             m.train()
-        loss = fm_loss(enc["train"][0].index(idx), enc["train"][1][idx], gen)
+        loss = fm_loss(enc["train"][0].index(idx), enc["train"][1][idx], gen, weights["train"][idx])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, rec.optim.grad_clip or math.inf)
         opt.step()
-        sched.step()
         for m in policy.modules_for_training():
             m.eval()
-        losses.append(float(loss.detach()))
+        losses.append(loss.detach())
         if a.eval_every and (step + 1) % a.eval_every == 0 and step + 1 < a.steps:
             print(f"  step {step + 1}: held-out loss {held_loss('held'):.4f} held-out {line(score('held'))}", flush=True)
-    out["train_s"] = round(time.perf_counter() - t0, 1)
+    out["train_s"], out["steps_done"] = round(time.perf_counter() - t0, 1), len(losses)
     out.update(train_loss=held_loss("train"), held_loss=held_loss("held"), train=score("train"), held=score("held"))
     print(f"[{a.name}] {out['params']} {out['train_s']} s; loss train {out['train_loss']:.4f} held-out {out['held_loss']:.4f}")
     print(f"  train    {line(out['train'])}\n  held-out {line(out['held'])}", flush=True)

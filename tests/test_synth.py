@@ -146,6 +146,37 @@ def test_synthetic_dataset_generates_once_into_its_cache(tmp_path, monkeypatch):
         SyntheticDataset.Options(generator="procedral").check()
 
 
+def test_scene_options_make_easier_scenes_and_change_nothing_else(samples):
+    """still/solid/objects change what they name; the instruction and edit of each sample stay the same."""
+    easy = ProceduralGenerator(FRAMES, SIZE, objects=(4, 4), still=True, solid=True)
+    assert len(easy._scene(sample_rng(7, "test", 0)).objects) == 4
+    for op in ("recolor", "replace", "hybrid"):
+        for i, full in enumerate(samples[op]):
+            s = easy.generate(op, sample_rng(7, "test", i), f"{op}-{i}")
+            assert torch.equal(s.source, s.source[:1].expand_as(s.source))  # a still camera, still objects
+            objects = [e for e in s.meta["edits"] if e["op"] not in ("recolor", "background")]
+            described = [e[k] for e in objects for k in ("object", "to") if k in e]
+            assert all(d.startswith("solid ") for d in described)
+            assert (changed(s) <= s.mask).all()
+    plain = ProceduralGenerator(FRAMES, SIZE, still=True)
+    for i, full in enumerate(samples["recolor"]):
+        s = plain.generate("recolor", sample_rng(7, "test", i), f"recolor-{i}")
+        assert s.instruction == full.instruction and s.meta["edits"] == full.meta["edits"]
+
+
+def test_scene_options_are_checked_and_key_the_cache(tmp_path):
+    base = {"n": 2, "frames": FRAMES, "size": list(SIZE), "cache_dir": str(tmp_path)}
+    default = SyntheticDataset.Options(**base)
+    assert SyntheticDataset.Options(**base, scene={}).folder() == default.folder()  # old caches stay valid
+    assert SyntheticDataset.Options(**base, scene={"still": True}).folder() != default.folder()
+    with pytest.raises(DataError, match="unexpected keyword argument 'stil'"):
+        SyntheticDataset.Options(**base, scene={"stil": True}).check()
+    with pytest.raises(DataError, match=r"objects must be a range \[lo, hi\] with 2 <= lo <= hi <= 5, got \[1, 3\]"):
+        SyntheticDataset.Options(**base, scene={"objects": [1, 3]}).check()
+    ds = build_dataset("synthetic", {**base, "scene": {"objects": [2, 2], "still": True, "solid": True}})
+    assert len(ds) == 2 and torch.equal(ds[0].source, ds[0].source[:1].expand_as(ds[0].source))
+
+
 class StripesGenerator:
     """A second generator, the shape a model-based one would have: it returns EditSamples, nothing else."""
 

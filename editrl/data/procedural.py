@@ -82,11 +82,25 @@ class ProceduralGenerator:
     version = "1"
     ops = OPS
 
-    def __init__(self, frames: int = 9, size: tuple[int, int] = (64, 64)) -> None:
+    def __init__(
+        self,
+        frames: int = 9,
+        size: tuple[int, int] = (64, 64),
+        objects: tuple[int, int] = (2, 3),
+        still: bool = False,
+        solid: bool = False,
+    ) -> None:
+        """`objects`: how many objects a source scene has (inclusive range); `still`: no object motion, spin or
+        camera pan; `solid`: untextured objects. The defaults are the full task; the others make easier ones (each
+        sample draws the same random numbers either way, so only what the option names changes)."""
         self.frames = frames
         self.size = (int(size[0]), int(size[1]))
         if min(self.size) < 16:
             raise DataError(f"size must be at least 16x16, got {self.size[0]}x{self.size[1]}")
+        lo, hi = (int(v) for v in objects)
+        if not 2 <= lo <= hi <= len(SHAPES) - 2:  # a hybrid edit may touch two objects; adds need free shapes
+            raise DataError(f"objects must be a range [lo, hi] with 2 <= lo <= hi <= {len(SHAPES) - 2}, got {list(objects)}")
+        self.objects, self.still, self.solid = (lo, hi), still, solid
         self.min_pixels = max(4, self.size[0] * self.size[1] // 100)
 
     # ----- random parts
@@ -113,7 +127,10 @@ class ProceduralGenerator:
                 angle=float(rng.uniform(0, 2 * np.pi)),
                 spin=float(rng.uniform(-1.5, 1.5)),
             )
-        return Obj(uid=uid, shape=shape, color=color, texture=texture, tex_freq=float(rng.uniform(2.5, 4.5)), **motion)
+        if self.still:
+            motion.update(end=motion["start"], spin=0.0)
+        return Obj(uid=uid, shape=shape, color=color, texture="solid" if self.solid else texture,
+                   tex_freq=float(rng.uniform(2.5, 4.5)), **motion)
 
     def _backdrop(self, rng: np.random.Generator, avoid: set[str]) -> Backdrop:
         a, b = rng.choice([c for c in COLORS if c not in avoid], size=2, replace=False)
@@ -128,13 +145,13 @@ class ProceduralGenerator:
         backdrop = self._backdrop(rng, set())
         colors, shapes = set(backdrop.colors), set()
         objects = []
-        for uid in range(int(rng.integers(2, 4))):
+        for uid in range(int(rng.integers(self.objects[0], self.objects[1] + 1))):
             o = self._object(rng, uid, colors, shapes)
             colors.add(o.color)
             shapes.add(o.shape)
             objects.append(o)
         pan = (float(rng.uniform(-0.3, 0.3)), float(rng.uniform(-0.4, 0.4)))
-        return Scene(backdrop=backdrop, objects=tuple(objects), pan=pan)
+        return Scene(backdrop=backdrop, objects=tuple(objects), pan=(0.0, 0.0) if self.still else pan)
 
     def _place(self, rng: np.random.Generator, o: Obj) -> str:
         """Where the object is on average (often left out: a plain "add a red star" is an instruction too)."""

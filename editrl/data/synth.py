@@ -61,7 +61,10 @@ def check_frames(frames: int) -> int:
 
 
 def build_generator(name: str, frames: int, size: tuple[int, int], **options: Any) -> PairGenerator:
-    return GENERATORS.build(name, frames=frames, size=size, **options)
+    try:
+        return GENERATORS.build(name, frames=frames, size=size, **options)
+    except TypeError as e:  # an option the generator does not take
+        raise DataError(f"generator {name!r}: {e}") from None
 
 
 def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -81,7 +84,7 @@ def check_ops(ops: list[str] | tuple[str, ...] | None, known: tuple[str, ...]) -
 def _make_chunk(spec: dict[str, Any], items: list[tuple[int, str]]) -> list[tuple[int, dict[str, Any]]]:
     """Worker: generate and write some samples; rows come back to be written in index order."""
     torch.set_num_threads(1)
-    gen = build_generator(spec["generator"], spec["frames"], spec["size"])
+    gen = build_generator(spec["generator"], spec["frames"], spec["size"], **spec["options"])
     out = []
     for index, op in items:
         sample = gen.generate(op, sample_rng(spec["seed"], spec["split"], index), f"{spec['split']}-{index:06d}")
@@ -101,16 +104,19 @@ def synthesize(
     workers: int | None = None,
     progress: bool = True,
     bar: monitor.Bar | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Path:
     """Generate `n` samples (ops taken in turn, so categories are balanced) into `out`; the manifest path.
 
     The same arguments give a byte-identical manifest and media, whatever `workers` is. Progress shows on its own
-    bar, or advances `bar` (one bar for several datasets).
+    bar, or advances `bar` (one bar for several datasets). `options` go to the generator (the procedural one's
+    scene options: `objects`, `still`, `solid`).
     """
     if n < 1:
         raise DataError(f"n must be at least 1, got {n}")
     check_frames(frames)
-    gen = build_generator(generator, frames, size)  # validates size and options before any work
+    options = dict(options or {})
+    gen = build_generator(generator, frames, size, **options)  # validates size and options before any work
     ops = check_ops(ops, gen.ops)
     out = Path(out)
     if (out / MANIFEST_NAME).exists():
@@ -121,7 +127,7 @@ def synthesize(
         # A worker costs seconds to start (torch import) and one process already does ~30 samples/s at 64x64;
         # on a 2-core machine shared with other work, 2 workers measured slower than 1 (benchmarks/synth_speed.py).
         workers = max(1, min((os.cpu_count() or 1) // 2, 8, n // 500))
-    spec = dict(generator=generator, frames=frames, size=tuple(size), seed=seed, split=split, out=str(out))
+    spec = dict(generator=generator, frames=frames, size=tuple(size), seed=seed, split=split, out=str(out), options=options)
     chunk = max(1, min(64, -(-n // (workers * 4))))
     chunks = [items[i : i + chunk] for i in range(0, n, chunk)]
     rows: dict[int, dict[str, Any]] = {}
@@ -161,6 +167,8 @@ class SyntheticDataset:
         size: tuple[int, int] = (64, 64)
         split: str = "train"
         generator: str = "procedural"
+        scene: dict[str, Any] = Field(default_factory=dict, description="the generator's options (procedural: "
+                                      "objects [lo, hi], still, solid)")
         cache_dir: str | None = None
         max_frames: int | None = Field(None, ge=1)
 
@@ -175,11 +183,13 @@ class SyntheticDataset:
             except RegistryError as e:
                 raise DataError(str(e)) from None
             check_ops(self.ops, known)
+            build_generator(self.generator, self.frames, tuple(self.size), **self.scene)
 
         def folder(self) -> Path:
             """Where this exact data lives: the options that shape the data, and the generator's version."""
             gen = GENERATORS.get(self.generator)
-            keyed = self.model_dump(exclude={"cache_dir", "max_frames"}) | {"version": gen.version}
+            unkeyed = {"cache_dir", "max_frames"} | (set() if self.scene else {"scene"})  # default data keeps its folder
+            keyed = self.model_dump(exclude=unkeyed) | {"version": gen.version}
             digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
             root = Path(self.cache_dir) if self.cache_dir else cache_root()
             return root / f"{self.generator}-{self.split}-n{self.n}-s{self.seed}-{digest}"
@@ -233,7 +243,7 @@ def _generate(folder: Path, options: SyntheticDataset.Options, bar: monitor.Bar)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     synthesize(tmp, options.n, options.seed, options.ops, options.frames, tuple(options.size), options.split,
-               options.generator, bar=bar)
+               options.generator, bar=bar, options=options.scene)
     try:
         tmp.rename(folder)
     except OSError:  # another process finished first: its folder is identical

@@ -89,7 +89,8 @@ TINY_HUNYUAN_VAE = dict(
     temporal_compression_ratio=4,
 )
 # The pre-fit: Adam on the reconstruction MSE of procedural edit videos (sources and targets of every operation).
-VAE_FIT = dict(pairs=64, held_out=8, frames=5, size=(32, 32), steps=400, batch_size=8, lr=3e-3, warmup=20, seed=1234)
+VAE_FIT = dict(pairs=64, held_out=8, frames=5, size=(32, 32), steps=400, batch_size=8, lr=3e-3, warmup=20, seed=1234,
+               device="cpu")
 # Each part's directory under the cache, its version in its path. The Wan and Qwen parts keep the v4 directories
 # they had before the other backbones existed.
 PARTS = {
@@ -246,8 +247,8 @@ def _prefit(make_vae: Callable[[], V], directory: Path) -> tuple[V, torch.Tensor
     from editrl.monitor import console, duration, progress
 
     cfg = VAE_FIT
-    train, held = _fit_videos()
-    vae = make_vae()
+    train, held = (v.to(cfg["device"]) for v in _fit_videos())
+    vae = make_vae().to(cfg["device"])
     for m in vae.modules():  # He init: with PyTorch's default, this small VAE barely leaves the mean-colour plateau
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
             torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -274,8 +275,9 @@ def _prefit(make_vae: Callable[[], V], directory: Path) -> tuple[V, torch.Tensor
                 bar.update(advance=1, note=f"mse {loss.item():.4f}")
         vae.eval()
         with torch.no_grad():
-            z = vae.encode(train).latent_dist.mode()
+            z = vae.encode(train).latent_dist.mode().cpu()
         psnr = _reconstruction_psnr(vae, held)
+        vae.to("cpu")
     finally:
         torch.set_num_threads(threads)
     report = {"seconds": round(time.perf_counter() - t0, 1), "held_out_psnr_db": round(psnr, 2),
