@@ -23,7 +23,7 @@ from torch import Tensor
 
 from editrl.base import DataError
 from editrl.data.base import EditDataset
-from editrl.evaluate import EvalReport, _batches, _markdown, _reward_scores, _write_csv, oracle_scores
+from editrl.evaluate import EvalReport, batches, markdown_table, reward_scores, write_csv, oracle_scores
 from editrl.types import EditSample
 
 FOILS = ("source", "wrong_edit", "half_edit", "blurred", "noisy", "frozen")
@@ -91,7 +91,7 @@ def audit(dataset: EditDataset, rewards: Any, batch_size: int = 8, limit: int | 
     indices = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
     with Progress(disable=not progress, transient=True) as bar, torch.no_grad():
         task = bar.add_task("auditing", total=len(indices))
-        for k, found in enumerate(_batches(dataset, indices, batch_size)):
+        for k, found in enumerate(batches(dataset, indices, batch_size)):
             bar.advance(task, len(found))
             batch = [s for s in found if s.source is not None and s.target is not None]
             if not batch:
@@ -103,7 +103,7 @@ def audit(dataset: EditDataset, rewards: Any, batch_size: int = 8, limit: int | 
             spare[shape] = target[:1]
             cands = candidates(source, target, wrong, torch.Generator().manual_seed(seed * 1_000_003 + k))
             videos, everyone = torch.cat(list(cands.values())), batch * len(cands)
-            scores = {ORACLE: oracle(videos, everyone), **_reward_scores(rewards, videos, everyone)}
+            scores = {ORACLE: oracle(videos, everyone), **reward_scores(rewards, videos, everyone)}
             truth = scores[ORACLE].view(len(cands), len(batch))
             for term in terms:
                 table = scores[term].double().cpu().view(len(cands), len(batch))  # candidate x sample
@@ -131,9 +131,9 @@ def write_audit(reports: dict[str, EvalReport], out_dir: str | Path, title: str 
           summary(reports)]
     md += [f"## {t}\n\n" + _table("category", [(e["category"], e) for e in table]) for t, table in tables.items()]
     paths["markdown"].write_text("\n".join(md))
-    _write_csv(paths["table"], ["term", "category", "n", *COLUMNS],
+    write_csv(paths["table"], ["term", "category", "n", *COLUMNS],
                [{"term": t, **e} for t, table in tables.items() for e in table])
-    _write_csv(paths["samples"], ["term", "id", "category", *COLUMNS],
+    write_csv(paths["samples"], ["term", "id", "category", *COLUMNS],
                [{"term": t, **row} for t, r in reports.items() for row in r.rows])
     _plot(tables, paths["plot"])
     return paths
@@ -146,7 +146,7 @@ def summary(reports: dict[str, EvalReport]) -> str:
 
 def _table(first: str, entries: list[tuple[str, dict[str, Any]]]) -> str:
     cells = [[name, str(e["n"]), *("n/a" if math.isnan(e[c]) else f"{e[c]:.2f}" for c in COLUMNS)] for name, e in entries]
-    return _markdown([first, "n", *COLUMNS], cells)
+    return markdown_table([first, "n", *COLUMNS], cells)
 
 
 def _plot(tables: dict[str, list[dict[str, Any]]], path: Path) -> None:
@@ -177,7 +177,7 @@ def _plot(tables: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
 def audit_folder(recipe: str, data: str | Path, overrides: list[str] | None = None, out: str | Path | None = None,
                  batch_size: int = 8, max_frames: int | None = None, limit: int | None = None,
-                 progress: bool = True) -> tuple[dict[str, EvalReport], dict[str, Path]]:
+                 progress: bool = True, allow_outside: bool = False) -> tuple[dict[str, EvalReport], dict[str, Path]]:
     """What `editrl judge --audit` does: the recipe's rewards audited on a manifest folder with targets, the report
     written to `out` (default runs/audit/RUN_NAME)."""
     from editrl.base import RecipeError
@@ -189,6 +189,6 @@ def audit_folder(recipe: str, data: str | Path, overrides: list[str] | None = No
     rewards = recipe_rewards(rec)
     if rewards is None:
         raise RecipeError(f"recipe {recipe} has no rewards: add rewards.terms to audit")
-    dataset = ManifestDataset(ManifestDataset.Options(path=str(data), max_frames=max_frames))
+    dataset = ManifestDataset(ManifestDataset.Options(path=str(data), max_frames=max_frames, allow_outside=allow_outside))
     reports = audit(dataset, rewards, batch_size, limit, progress=progress)
     return reports, write_audit(reports, out or Path("runs/audit") / rec.run.name, title=f"{rec.run.name} on {data}")

@@ -86,7 +86,7 @@ class EvalReport:
         """The table; with yardsticks, a second one: each gap metric beside copy, ceiling and the gap closed."""
         table = self.table()
         names = [f"**{e['category']}**" if e["category"] == OVERALL else e["category"] for e in table]
-        md = _markdown(["category", "n", *self.columns],
+        md = markdown_table(["category", "n", *self.columns],
                        [[name, str(e["n"]), *(_fmt(c, e[c]) for c in self.columns)] for name, e in zip(names, table)])
         if not self.yardsticks:
             return md
@@ -94,7 +94,7 @@ class EvalReport:
         return md + (
             "\nYardsticks: copy = the source returned unedited, ceiling = the target through the policy's autoencoder "
             "(n/a: it has none), gap closed = (editor - copy) / (ceiling - copy).\n\n"
-        ) + _markdown(
+        ) + markdown_table(
             ["category", "n", *(h for c in GAP_COLUMNS for h in (c, "copy", "ceiling", "gap closed"))],
             [[name, str(e["n"]), *(_fmt(k, e[k]) for g in groups for k in g)] for name, e in zip(names, table)],
         )
@@ -105,8 +105,8 @@ class EvalReport:
         out.mkdir(parents=True, exist_ok=True)
         paths = {"markdown": out / "results.md", "table": out / "results.csv", "samples": out / "samples.csv"}
         paths["markdown"].write_text(self.to_markdown())
-        _write_csv(paths["table"], ["category", "n", *self.columns, *self.yardstick_columns], self.table())
-        _write_csv(paths["samples"], ["id", "category", *self.columns], self.rows)
+        write_csv(paths["table"], ["category", "n", *self.columns, *self.yardstick_columns], self.table())
+        write_csv(paths["samples"], ["id", "category", *self.columns], self.rows)
         return paths
 
 
@@ -129,12 +129,12 @@ def _fmt(column: str, value: float) -> str:
     return f"{value:.2f}" if column.endswith("psnr") else f"{value:.4f}"
 
 
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows]) + "\n"
 
 
-def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+def write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -172,7 +172,7 @@ def oracle_scores(edited: Tensor, samples: list[EditSample]) -> dict[str, Tensor
     return out
 
 
-def _reward_scores(rewards: Any, edited: Tensor, samples: list[EditSample]) -> dict[str, Tensor]:
+def reward_scores(rewards: Any, edited: Tensor, samples: list[EditSample]) -> dict[str, Tensor]:
     """Each reward's scores (B,), NaN where the reward gave no valid score."""
     from editrl.reward import ALL_NEEDS, reward_batch
 
@@ -180,7 +180,7 @@ def _reward_scores(rewards: Any, edited: Tensor, samples: list[EditSample]) -> d
     return {name: torch.where(o.valid, o.scores, torch.full_like(o.scores, math.nan)) for name, o in outs.items()}
 
 
-def _batches(dataset: EditDataset, indices: list[int], batch_size: int) -> Iterator[list[EditSample]]:
+def batches(dataset: EditDataset, indices: list[int], batch_size: int) -> Iterator[list[EditSample]]:
     """Consecutive samples of one source shape, at most `batch_size` at a time (a policy batch needs one shape).
     Samples without a source (prompts for a text-to-video policy) batch together."""
 
@@ -226,7 +226,7 @@ def evaluate(
     shown: dict[str, list[tuple[EditSample, Tensor]]] = {}
     with Progress(disable=not progress, transient=True) as bar, torch.no_grad():
         task = bar.add_task("evaluating", total=len(indices))
-        for batch in _batches(dataset, indices, batch_size):
+        for batch in batches(dataset, indices, batch_size):
             edited = edit_fn(batch).detach().float()  # scored where the editor made it (the policy's device)
             expected = (len(batch), *batch[0].source.shape) if batch[0].source is not None else tuple(edited.shape)
             if tuple(edited.shape) != expected:
@@ -236,7 +236,7 @@ def evaluate(
                 )
             scores = oracle_scores(edited, batch)
             if rewards is not None:
-                scores |= {f"reward_{k}": v for k, v in _reward_scores(rewards, edited, batch).items()}
+                scores |= {f"reward_{k}": v for k, v in reward_scores(rewards, edited, batch).items()}
             values = torch.stack([scores[c].to(edited.device, torch.float32) for c in columns], 1).tolist()  # one read
             for i, s in enumerate(batch):
                 cat = s.category or UNCATEGORISED

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import typer
-
-if TYPE_CHECKING:
-    from torch import Tensor
 
 
 def video_fps(path: Path, default: float = 8.0) -> float:
@@ -67,19 +64,17 @@ def training_size(recipe: Any) -> tuple[int, int] | None:
     return h, w
 
 
-def fit_size(video: Tensor, trained: tuple[int, int] | None) -> tuple[Tensor, str | None]:
-    """A video of over twice the training pixel count scaled down (aspect kept) to that count, and a note saying so:
-    the model saw nothing larger, and a full-HD input would run for minutes."""
-    import torch.nn.functional as F
-
-    *_, h, w = video.shape
+def fit_size(size: tuple[int, int], trained: tuple[int, int] | None) -> tuple[tuple[int, int] | None, str | None]:
+    """For a video of over twice the training pixel count, the size that scales it down (aspect kept) to that count,
+    and a note saying so: the model saw nothing larger, and a full-HD input would run for minutes. (None, None) when
+    it is not larger."""
+    h, w = size
     if trained is None or h * w <= 2 * trained[0] * trained[1]:
-        return video, None
+        return None, None
     scale = (trained[0] * trained[1] / (h * w)) ** 0.5
     h2, w2 = max(2, round(h * scale)), max(2, round(w * scale))
-    out = F.interpolate(video, size=(h2, w2), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
     note = f"{h}x{w} scaled to {h2}x{w2}, the pixel count the checkpoint was trained at ({trained[0]}x{trained[1]})"
-    return out, f"{note}; --keep-size edits at {h}x{w}"
+    return (h2, w2), f"{note}; --keep-size edits at {h}x{w}"
 
 
 class _Ticking:
@@ -118,14 +113,14 @@ def run_edit(
 
     from editrl.base import CheckpointError
     from editrl.checkpoint import load_checkpoint
-    from editrl.data.video import read_image, read_video, write_video
+    from editrl.data.video import probe_video, read_image, read_video, write_video
     from editrl.monitor import progress
     from editrl.rollout import sample_ode
     from editrl.types import EditSample
 
     video, out = Path(video), Path(out)
     check_output(out, [video, *([Path(reference)] if reference is not None else [])])
-    source = read_video(video)
+    _, *size = probe_video(video)  # a missing or unreadable video fails here, before the checkpoint loads
     ref = read_image(reference) if reference is not None else None
     policy, recipe = load_checkpoint(checkpoint, device)
     if not getattr(policy, "edits_video", True):
@@ -137,10 +132,10 @@ def run_edit(
         if not hasattr(policy, "guidance_scale"):
             raise CheckpointError(f"policy {recipe.policy.name!r} has no guidance_scale to set: drop --guidance-scale")
         policy.guidance_scale = guidance_scale
-    if not keep_size:
-        source, message = fit_size(source, training_size(recipe))
-        if message:
-            note(f"note: {message}")
+    scaled, message = (None, None) if keep_size else fit_size((size[0], size[1]), training_size(recipe))
+    if message:
+        note(f"note: {message}")
+    source = read_video(video, size=scaled)
     conform = getattr(policy, "conform_video", None)
     if conform is not None:
         source, message = conform(source)

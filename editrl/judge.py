@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import typer
 
+from editrl.data.cli import ALLOW_OUTSIDE
+
 
 def score_folder(
     recipe_path: str,
@@ -22,6 +24,7 @@ def score_folder(
     batch_size: int = 8,
     max_frames: int | None = None,
     progress: bool = True,
+    allow_outside: bool = False,
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """(reward names, one row per scored edit: id, instruction, {name: score or None}, {name: error})."""
     import torch
@@ -34,7 +37,7 @@ def score_folder(
     from editrl.reward import reward_batch
 
     recipe = load_recipe(recipe_path, overrides or [])
-    entries = [e for e in load_manifest(data, on_error="fail") if e.row.edited is not None]
+    entries = [e for e in load_manifest(data, on_error="fail", allow_outside=allow_outside) if e.row.edited is not None]
     if not entries:
         raise DataError(f"no row of {data} names an `edited` video to score")
     rewards = recipe_rewards(recipe)
@@ -107,6 +110,7 @@ def judge(
         None, "--audit", help="instead, audit the rewards on this folder with targets: do they prefer the target to foils?"
     ),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="--audit: only the first N samples"),
+    allow_outside: bool = ALLOW_OUTSIDE,
 ) -> None:
     """Score a folder of edits with the recipe's rewards and print a table; or, with --audit, audit the rewards.
 
@@ -129,11 +133,12 @@ def judge(
         if audit_data is not None:
             from editrl.audit import audit_folder, summary
 
-            reports, paths = audit_folder(recipe, audit_data, overrides, out, batch_size, max_frames, limit)
+            reports, paths = audit_folder(recipe, audit_data, overrides, out, batch_size, max_frames, limit,
+                                          allow_outside=allow_outside)
             console.print(summary(reports), markup=False, highlight=False)
             console.print(f"[green]wrote[/green] {', '.join(str(p) for p in paths.values())}")
             return
-        names, rows = score_folder(recipe, data, overrides, batch_size, max_frames)  # run_cli: EditrlError, one line
+        names, rows = score_folder(recipe, data, overrides, batch_size, max_frames, allow_outside=allow_outside)  # run_cli: EditrlError, one line
         Console().print(render_table(names, rows))
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,10 +56,13 @@ def rollout(
     generator: torch.Generator,
     cps_logprob: Literal["exact", "flow_grpo"] = "exact",
     keep_means: bool = False,
+    keep_latents: bool = True,
 ) -> Trajectory:
     """Sample a batch of trajectories and keep (x, x_next, log p) at the trained steps only.
 
     `keep_means` also keeps each trained step's transition mean (`extras["mean"]`), which GRPO-Guard compares with.
+    `keep_latents=False` keeps no (x, x_next) pairs (empty (B, 0) tensors): a likelihood-free loss trains on its own
+    noised copies of the final sample, and at video scale the pairs are the rollout's largest tensors.
 
     Everything stays on the policy's device and the loop reads nothing back from it (sigmas are host floats,
     noise comes from `generator`, best placed on the policy's device), so the device never waits for the host.
@@ -77,19 +80,21 @@ def rollout(
             noise_level=noise_level, generator=generator, cps_logprob=cps_logprob,
         )
         if i in keep:
-            latents.append(x.float())
-            nexts.append(out.prev_sample)
+            if keep_latents:
+                latents.append(x.float())
+                nexts.append(out.prev_sample)
             logps.append(out.log_prob)
             if keep_means:
                 means.append(out.mean)
         x = out.prev_sample.to(x.dtype)
     idx = torch.tensor(trained_steps, dtype=torch.long)
+    empty = x.new_zeros(batch, 0)
     return Trajectory(
         steps=list(trained_steps),
         sigmas=sigmas[idx].clone(),
         sigmas_next=sigmas[idx + 1].clone(),
-        latents=torch.stack(latents, 1),
-        next_latents=torch.stack(nexts, 1),
+        latents=torch.stack(latents, 1) if keep_latents else empty,
+        next_latents=torch.stack(nexts, 1) if keep_latents else empty,
         log_probs=torch.stack(logps, 1),
         final=x,
         extras={"mean": torch.stack(means, 1)} if keep_means else {},

@@ -129,7 +129,7 @@ class Trainer(Harness):
                 traj = rollout(
                     self.policy, cond, self.sigmas, sde_steps=sde_steps, trained_steps=trained,
                     kind=s.sde, noise_level=s.noise_level, generator=gen, cps_logprob=s.cps_logprob,
-                    keep_means=g.ratio_norm,
+                    keep_means=g.ratio_norm, keep_latents=not self.likelihood_free,
                 )
                 if self.likelihood_free:
                     traj.extras.update(nft_inputs(self.policy, cond, traj.final, traj.sigmas, gen))

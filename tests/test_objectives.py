@@ -141,8 +141,13 @@ def test_nft_refuses_ratio_norm():
 
 def test_nft_keeps_the_sampling_policys_velocity_across_updates(toy_overrides):
     trainer = Trainer(load_recipe("toy", toy_overrides + ["grpo.loss=nft", "grpo.minibatches=2", "optim.lr=0.05"]))
+    kept = []
+    trainer.collect = lambda timer, collect=trainer.collect: kept.append(collect(timer)) or kept[-1]  # type: ignore[method-assign]
     metrics = trainer.train_step()
     assert metrics["train/nft_old_deviation"] > 0  # the second update's policy has moved off the rollout's
+    traj = kept[0][0].traj
+    assert traj.latents.numel() == traj.next_latents.numel() == 0  # the SDE pairs it never reads are not kept
+    assert traj.extras["nft_x_t"].shape[:2] == traj.log_probs.shape
     assert not any(k.startswith("ratio/") or k == "train/clip_frac" for k in metrics)
 
 

@@ -10,6 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from editrl.base import RecipeError
 from editrl.commands import register
 from editrl.monitor import read_metrics
 from editrl.preflight import device_problems, load_recipe
@@ -149,7 +150,7 @@ def test_plugin_fault_is_one_line_in_a_real_process(existing_run, plugins):
 def test_overwrite_that_fails_to_build_keeps_the_old_run(existing_run, plugins):
     before = snapshot(existing_run)
     recipe = load_recipe("toy", [*FAST, f"run.output_dir={existing_run}", 'rewards.terms=[{name: "test_reliability:Explodes"}]'])
-    with pytest.raises(RuntimeError, match="cannot start the scorer"):  # a plugin's own bug keeps its traceback
+    with pytest.raises(RecipeError, match="could not be built: RuntimeError: cannot start the scorer"):
         Trainer(recipe, overwrite=True)
     assert snapshot(existing_run) == before
 

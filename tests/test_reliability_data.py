@@ -267,6 +267,16 @@ def test_a_good_folder_passes_and_the_outside_opt_out_works(tmp_path):
     assert len(load_manifest(folder(root, [*GOOD, absolute_inside]))) == 3
 
 
+def test_read_video_scales_while_decoding_as_area_averaging_does(tmp_path):
+    """`editrl edit` reads a large input at its scaled size: each frame is averaged down as it is decoded."""
+    blocks = clip(3, 8, 12).repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)  # 4x4 blocks of one colour
+    path = write_video(tmp_path / "big.mp4", blocks, lossless=True)
+    small = read_video(path, size=(8, 12))
+    assert small.shape == (3, 3, 8, 12)
+    expected = torch.nn.functional.avg_pool2d(read_video(path), 4)
+    assert (small - expected).abs().max() < 2.5 / 255  # exact up to swscale's rounding
+
+
 def test_probe_video_decodes_to_the_frame_count_and_size(tmp_path):
     path = write_video(tmp_path / "v.mp4", clip(7, 16, 24), lossless=True)
     assert probe_video(path, decode=True) == (7, 16, 24)

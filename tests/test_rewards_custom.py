@@ -123,3 +123,47 @@ def test_judge_errors_are_one_line(tmp_path):
     result = CliRunner().invoke(cli(), ["judge", "-r", str(bad), "-d", str(make_folder(tmp_path / "d2"))])
     assert result.exit_code == 2
     assert "judge server http://127.0.0.1:9/v1 is not reachable" in result.output
+
+
+def test_a_reward_plugin_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    """A user's reward class whose constructor raises (a missing weights file) stops `judge` with one line."""
+    (tmp_path / "broken_reward.py").write_text(
+        "class Broken:\n"
+        "    needs = frozenset({'edited'})\n"
+        "    def __init__(self, path='weights.pt'):\n"
+        "        raise FileNotFoundError(f'no such file: {path}')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = make_folder(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "r.yaml", [{"name": "broken_reward:Broken"}])
+    result = CliRunner().invoke(cli(), ["judge", "-r", str(recipe), "-d", str(data)])
+    assert result.exit_code == 2, result.output
+    assert "reward 'broken_reward:Broken' could not be built: FileNotFoundError: no such file: weights.pt" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_judge_and_eval_read_media_outside_the_folder_only_when_allowed(tmp_path):
+    data = make_folder(tmp_path / "data")
+    manifest = data / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    (data / rows[0]["edited"]).rename(tmp_path / "outside.mp4")
+    rows[0]["edited"] = "../outside.mp4"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = write_recipe(tmp_path / "r.yaml", [{"name": "oracle_fidelity"}])
+    refused = CliRunner().invoke(cli(), ["judge", "-r", str(recipe), "-d", str(data)])
+    assert refused.exit_code == 2 and "is outside the data folder" in refused.output, refused.output
+    allowed = CliRunner().invoke(cli(), ["judge", "-r", str(recipe), "-d", str(data), "--allow-outside"],
+                                 env={"COLUMNS": "200"})
+    assert allowed.exit_code == 0 and "(2/2 valid)" in allowed.output, allowed.output
+
+    from editrl.data.cli import run_benchmark
+    from editrl.base import DataError
+    from editrl.monitor import console
+
+    def copy(samples):
+        return torch.stack([s.source for s in samples])
+
+    with pytest.raises(DataError, match="is outside the data folder"):
+        run_benchmark(copy, data, tmp_path / "eval", None, 2, None, "fail", console)
+    run_benchmark(copy, data, tmp_path / "eval", None, 2, None, "fail", console, allow_outside=True)
+    assert (tmp_path / "eval" / "results.csv").is_file()

@@ -49,11 +49,16 @@ def synth(
     run_cli(go)
 
 
+ALLOW_OUTSIDE = typer.Option(
+    False, "--allow-outside", help="accept media paths outside the data folder (only for a manifest you trust)"
+)
+
+
 @data_app.command("check")
 def check(
     data: Path = typer.Argument(..., help="a data folder, or its manifest.jsonl"),
     on_error: OnError = typer.Option("skip", "--on-error", help="skip: list every bad row; fail: stop at the first"),
-    allow_outside: bool = typer.Option(False, "--allow-outside", help="accept media paths outside the data folder"),
+    allow_outside: bool = ALLOW_OUTSIDE,
 ) -> None:
     """Check a manifest: every row's keys, instruction and media files (every frame decoded), and that the clips
     can share a batch; problems are reported with line numbers and exit code 1.
@@ -111,6 +116,7 @@ def evaluate_command(
     rewards: bool = typer.Option(True, "--rewards/--no-rewards", help="also score with the recipe's rewards"),
     on_error: OnError = typer.Option("fail", "--on-error", help="bad manifest rows: fail, or skip them"),
     device: str = typer.Option("cpu", "--device"),
+    allow_outside: bool = ALLOW_OUTSIDE,
 ) -> None:
     """Benchmark a checkpoint on held-out data: oracle fidelity/preservation/temporal per category, beside what
     returning the source scores (copy) and what the policy's VAE makes of the target (ceiling).
@@ -128,18 +134,18 @@ def evaluate_command(
 
         edit_fn, recipe, policy = checkpoint_editor(checkpoint, steps, seed, device)
         run_benchmark(edit_fn, data, out or checkpoint / "eval", recipe_rewards(recipe) if rewards else None,
-                      batch_size, limit, on_error, console, policy)
+                      batch_size, limit, on_error, console, policy, allow_outside)
 
     run_cli(go)
 
 
 def run_benchmark(edit_fn: Any, data: Path, out: Path, rewards: Any, batch_size: int, limit: int | None,
-                  on_error: OnError, console: Any, policy: Any = None) -> None:
+                  on_error: OnError, console: Any, policy: Any = None, allow_outside: bool = False) -> None:
     """Everything `editrl eval` does after the policy is loaded (tests drive it with trivial editors)."""
     from editrl.data.manifest import ManifestDataset
     from editrl.evaluate import evaluate, yardsticks
 
-    dataset = ManifestDataset(ManifestDataset.Options(path=str(data), on_error=on_error))
+    dataset = ManifestDataset(ManifestDataset.Options(path=str(data), on_error=on_error, allow_outside=allow_outside))
     marks = yardsticks(dataset, policy, batch_size, limit)
     report = evaluate(edit_fn, dataset, rewards=rewards, batch_size=batch_size, limit=limit, out_dir=out, yardsticks=marks)
     console.print(report.to_markdown(), highlight=False, markup=False)

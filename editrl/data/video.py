@@ -26,6 +26,8 @@ def probe_video(path: str | Path, decode: bool = False) -> tuple[int, int, int]:
     import av
 
     path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"video not found: {path}")
     decoded = 0
     try:
         with av.open(str(path)) as container:
@@ -52,8 +54,11 @@ def probe_video(path: str | Path, decode: bool = False) -> tuple[int, int, int]:
     return decoded, *size
 
 
-def read_video(path: str | Path, max_frames: int | None = None) -> Tensor:
-    """All frames (or the first `max_frames`) of a video as (T, C, H, W) float32 in [0, 1]."""
+def read_video(path: str | Path, max_frames: int | None = None, size: tuple[int, int] | None = None) -> Tensor:
+    """All frames (or the first `max_frames`) of a video as (T, C, H, W) float32 in [0, 1].
+
+    `size` (height, width) scales each frame as it is decoded (area averaging), so a long full-HD clip that is to be
+    edited small never sits in memory at full size."""
     import av
 
     path = Path(path)
@@ -65,7 +70,10 @@ def read_video(path: str | Path, max_frames: int | None = None) -> Tensor:
             if not container.streams.video:
                 raise MediaError(f"{path} has no video stream")
             for frame in container.decode(video=0):
-                frames.append(frame.to_ndarray(format="rgb24"))
+                if size is None:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                else:
+                    frames.append(frame.to_ndarray(format="rgb24", height=size[0], width=size[1], interpolation="AREA"))
                 if max_frames is not None and len(frames) >= max_frames:
                     break
     except MediaError:
