@@ -132,9 +132,9 @@ def write_audit(reports: dict[str, EvalReport], out_dir: str | Path, title: str 
     md += [f"## {t}\n\n" + _table("category", [(e["category"], e) for e in table]) for t, table in tables.items()]
     paths["markdown"].write_text("\n".join(md))
     write_csv(paths["table"], ["term", "category", "n", *COLUMNS],
-               [{"term": t, **e} for t, table in tables.items() for e in table])
+              [{"term": t, **e} for t, table in tables.items() for e in table])
     write_csv(paths["samples"], ["term", "id", "category", *COLUMNS],
-               [{"term": t, **row} for t, r in reports.items() for row in r.rows])
+              [{"term": t, **row} for t, r in reports.items() for row in r.rows])
     _plot(tables, paths["plot"])
     return paths
 

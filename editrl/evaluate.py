@@ -87,7 +87,7 @@ class EvalReport:
         table = self.table()
         names = [f"**{e['category']}**" if e["category"] == OVERALL else e["category"] for e in table]
         md = markdown_table(["category", "n", *self.columns],
-                       [[name, str(e["n"]), *(_fmt(c, e[c]) for c in self.columns)] for name, e in zip(names, table)])
+                            [[name, str(e["n"]), *(_fmt(c, e[c]) for c in self.columns)] for name, e in zip(names, table)])
         if not self.yardsticks:
             return md
         groups = [(c, f"copy_{c}", f"ceiling_{c}", f"gap_closed_{c}") for c in GAP_COLUMNS]

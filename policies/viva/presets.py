@@ -88,7 +88,8 @@ TINY_HUNYUAN_VAE = dict(
     up_block_types=("HunyuanVideoUpBlock3D",) * 3, layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=4,
     temporal_compression_ratio=4,
 )
-# The pre-fit: Adam on the reconstruction MSE of procedural edit videos (sources and targets of every operation).
+# The pre-fit: Adam on the reconstruction MSE of procedural edit videos (sources and targets of every operation), on
+# `device` (benchmarks/probes.py sets a GPU there; the preset itself is built on the CPU).
 VAE_FIT = dict(pairs=64, held_out=8, frames=5, size=(32, 32), steps=400, batch_size=8, lr=3e-3, warmup=20, seed=1234,
                device="cpu")
 # Each part's directory under the cache, its version in its path. The Wan and Qwen parts keep the v4 directories
