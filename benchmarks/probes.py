@@ -220,7 +220,8 @@ def main() -> None:
         idx, order = order[: a.batch_size], order[a.batch_size :]
         for m in policy.modules_for_training():
             m.train()
-        loss = fm_loss(enc["train"][0].index(idx), enc["train"][1][idx], gen, weights["train"][idx])
+        w = weights["train"][idx] if a.mask_weight != 1 else None  # unweighted: the plain mean, as before the option
+        loss = fm_loss(enc["train"][0].index(idx), enc["train"][1][idx], gen, w)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, rec.optim.grad_clip or math.inf)

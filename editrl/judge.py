@@ -138,7 +138,8 @@ def judge(
             console.print(summary(reports), markup=False, highlight=False)
             console.print(f"[green]wrote[/green] {', '.join(str(p) for p in paths.values())}")
             return
-        names, rows = score_folder(recipe, data, overrides, batch_size, max_frames, allow_outside=allow_outside)  # run_cli: EditrlError, one line
+        # run_cli turns an EditrlError (a judge server down, a bad row) into one line
+        names, rows = score_folder(recipe, data, overrides, batch_size, max_frames, allow_outside=allow_outside)
         Console().print(render_table(names, rows))
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)

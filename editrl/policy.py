@@ -166,8 +166,7 @@ def build_policy(name: str, options: dict[str, Any] | BaseModel, device: str | t
     from editrl.registry import POLICIES
 
     with quiet_libraries():
-        cls = POLICIES.get(name)
-        opts_cls = getattr(cls, "Options", None)
+        opts_cls = getattr(POLICIES.get(name), "Options", None)
         if opts_cls is not None and not isinstance(options, opts_cls):
             options = opts_cls.model_validate(dict(options) if not isinstance(options, BaseModel) else options.model_dump())
-        return cls(options, device=torch.device(device), dtype=dtype)
+        return POLICIES.build(name, options, device=torch.device(device), dtype=dtype)

@@ -13,7 +13,7 @@ import traceback
 from importlib import metadata
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-from editrl.base import EditrlError
+from editrl.base import EditrlError, RecipeError
 
 T = TypeVar("T")
 
@@ -128,8 +128,17 @@ class Registry(Generic[T]):
         return iter(self.names())
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """`name`'s factory called with these arguments. A user's plugin that raises while it starts (a missing
+        weights file, say) is one line; editrl's own keep their traceback (a bug), and an EditrlError passes as is."""
         factory: Callable[..., Any] = self.get(name)  # type: ignore[assignment]
-        return factory(*args, **kwargs)
+        try:
+            return factory(*args, **kwargs)
+        except EditrlError:
+            raise
+        except Exception as e:
+            if is_editrl(getattr(factory, "__module__", None) or ""):
+                raise
+            raise RecipeError(f"{self.kind} {name!r} could not be built: {type(e).__name__}: {e}") from e
 
 
 # Built-in plugins, registered lazily so that importing editrl imports no model code.

@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from editrl.base import EditrlError, RecipeError
+from editrl.base import EditrlError
 from editrl.registry import is_editrl
 from editrl.types import EditSample, RewardBatch, RewardOutput
 
@@ -80,15 +80,9 @@ def build_reward(name: str, options: dict[str, Any]) -> Any:
     obj = REWARDS.get(name)
     if inspect.isclass(obj):
         opts_cls = getattr(obj, "Options", None)
-        args = (opts_cls.model_validate(options),) if opts_cls is not None else ()
-        try:
-            return obj(*args, **({} if args else options))
-        except EditrlError:
-            raise
-        except Exception as e:  # a user's plugin that cannot start (a missing model file, say): one line, not a trace
-            if is_editrl(obj.__module__):
-                raise
-            raise RecipeError(f"reward {name!r} could not be built: {type(e).__name__}: {e}") from e
+        if opts_cls is not None:
+            return REWARDS.build(name, opts_cls.model_validate(options))
+        return REWARDS.build(name, **options)
     if callable(obj):
         return FunctionReward(obj, options)
     raise TypeError(f"reward {name!r} resolves to {obj!r}, which is neither a class nor a function")

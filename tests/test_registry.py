@@ -58,3 +58,22 @@ def test_entry_points_are_discovered(tmp_path, monkeypatch):
     with pytest.raises(RegistryError, match="clashes"):
         clash.names()
     sys.modules.pop("user_rewards", None)
+
+
+def test_build_turns_a_user_plugins_start_up_fault_into_one_line_and_keeps_editrls_own():
+    from editrl.base import RecipeError
+
+    def user_factory(path: str) -> None:
+        raise FileNotFoundError(f"no such file: {path}")
+
+    def own_factory() -> None:
+        raise RuntimeError("a bug")
+
+    own_factory.__module__ = "editrl.policies.viva.policy"
+    reg: Registry = Registry("policy", "editrl.test")
+    reg.register("mine")(user_factory)
+    reg.register("ours")(own_factory)
+    with pytest.raises(RecipeError, match=r"^policy 'mine' could not be built: FileNotFoundError: no such file: w.pt$"):
+        reg.build("mine", "w.pt")
+    with pytest.raises(RuntimeError, match="a bug"):  # editrl's own plugin: a bug keeps its traceback
+        reg.build("ours")

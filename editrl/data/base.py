@@ -19,6 +19,7 @@ class EditDataset(Protocol):
 def build_dataset(kind: str, options: dict[str, Any]) -> EditDataset:
     from editrl.registry import DATASETS
 
-    cls = DATASETS.get(kind)
-    opts_cls = getattr(cls, "Options", None)
-    return cls(opts_cls.model_validate(options)) if opts_cls is not None else cls(**options)
+    opts_cls = getattr(DATASETS.get(kind), "Options", None)
+    if opts_cls is not None:
+        return DATASETS.build(kind, opts_cls.model_validate(options))
+    return DATASETS.build(kind, **options)
