@@ -72,6 +72,12 @@ def check(recipe: Recipe, check_paths: bool = True) -> None:
     policy_cls = _lookup(POLICIES, recipe.policy.name, "policy.name")
     if options_model(policy_cls) is not None:
         validate_model(policy_cls.Options, recipe.policy.options, "policy.options.")
+    d = recipe.distributed
+    if d.backend == "deepspeed" and d.zero_stage == 3 and recipe.policy.options.get("compile"):
+        raise RecipeError(
+            "policy.options.compile: compiled DiT blocks cannot run under ZeRO-3, which gathers each layer's shards "
+            "inside the blocks: use distributed.zero_stage=2, or policy.options.compile=false"
+        )
     pc = recipe.policy
     if pc.warm_start is not None:
         if pc.init_from is None:
