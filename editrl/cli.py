@@ -36,6 +36,9 @@ COMMAND_MODULES = [
 
 
 def main() -> None:
+    from editrl.monitor import quiet_imports
+
+    quiet_imports()  # before any command imports a plugin (and so bitsandbytes)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(app)
     app()

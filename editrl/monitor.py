@@ -133,7 +133,12 @@ LIBRARY_LOG = "libraries.log"
 # The libraries editrl drives whose notices are meant for their own developers: bitsandbytes (imported by peft)
 # reports an optional CPU kernel it cannot load, DeepSpeed (imported by accelerate inside transformers'
 # save_pretrained when it is installed) reports the accelerator it picked, transformers logs a load report.
-LIBRARIES = ("transformers", "diffusers", "huggingface_hub", "peft", "bitsandbytes", "accelerate", "DeepSpeed")
+LIBRARIES = ("transformers", "diffusers", "huggingface_hub", "peft", "bitsandbytes", "kernels", "accelerate", "DeepSpeed")
+# Those that speak when they are imported, wherever that happens (a plugin imported while a recipe is read, before any
+# run's log is open): bitsandbytes, imported by peft, pyiqa and diffusers, asks `kernels` for an optional CPU kernel
+# from the hub and reports that it could not have it ("Failed to load CPU gemm_4bit_forward ...", and, with
+# HF_HUB_OFFLINE=1, kernels' "Skipping publisher trust check ...").
+IMPORT_TIME_LIBRARIES = ("bitsandbytes", "kernels")
 
 
 class _LibrarySink(logging.Handler):
@@ -161,6 +166,14 @@ class _ToSink(logging.Filter):
 
 
 _SINK, _TO_SINK = _LibrarySink(), _ToSink()
+
+
+def quiet_imports() -> None:
+    """From now on in this process, IMPORT_TIME_LIBRARIES log only to libraries.log (while one is open; their errors
+    still reach the console). The command line calls it first, before anything imports them."""
+    for name in IMPORT_TIME_LIBRARIES:
+        log = logging.getLogger(name)
+        log.handlers, log.propagate = [_SINK], False
 
 
 @contextmanager
