@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -250,9 +251,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 GRPO_HEADLINE = {"reward/weighted/mean": "reward {:.3f}", "eval/total": "held-out total {:.3f}", "time/step": "{:.2f} s/step"}
 
 
+WANDB_ID = "wandb-run-id"  # in the run directory: a resumed run continues its W&B run
+
+
 class RunLogger:
-    """metrics.jsonl and TensorBoard get every metric; the console gets one line per `log_every` steps (and per
-    evaluation) naming the phase and showing only the `headline` metrics."""
+    """metrics.jsonl and the recipe's other `loggers` (TensorBoard, Weights & Biases) get every metric; the console gets
+    one line per `log_every` steps (and per evaluation) naming the phase and showing only the `headline` metrics.
+
+    `recipe` (the resolved recipe as plain data) names the loggers (`run.loggers`, `run.wandb`) and is W&B's config."""
 
     def __init__(
         self,
@@ -263,6 +269,7 @@ class RunLogger:
         label: str = "Edit-GRPO",
         total: int | None = None,
         headline: dict[str, str] | None = None,
+        recipe: dict[str, Any] | None = None,
     ) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
@@ -271,6 +278,7 @@ class RunLogger:
         self.headline = GRPO_HEADLINE if headline is None else headline
         self.metrics_path = run_dir / "metrics.jsonl"
         self._tb: Any = None
+        self._wandb: Any = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -278,9 +286,14 @@ class RunLogger:
         rows = [r for r in read_metrics(self.metrics_path) if r["step"] <= start_step]
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self._file = self.metrics_path.open("a")
-        from torch.utils.tensorboard import SummaryWriter
+        run = (recipe or {}).get("run", {})
+        loggers = run.get("loggers", ["tensorboard"])
+        if "tensorboard" in loggers:
+            from torch.utils.tensorboard import SummaryWriter
 
-        self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        if "wandb" in loggers:
+            self._wandb = _start_wandb(run_dir, run.get("wandb", {}), recipe or {}, resume=start_step > 0)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -288,9 +301,14 @@ class RunLogger:
         row = {"step": step, "time": time.time(), **{k: _clean(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        for key, value in metrics.items():
-            if math.isfinite(value):
-                self._tb.add_scalar(key, value, step)
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            # Every key metrics.jsonl has; a resumed run re-logs the steps past its checkpoint with the same values,
+            # which W&B keeps once.
+            self._wandb.log(dict(metrics), step=step)
         if step % self.log_every == 0 or any(k.startswith("eval/") for k in metrics):
             console.print(self.line(step, metrics), highlight=False)
 
@@ -319,7 +337,25 @@ class RunLogger:
     def close(self) -> None:
         if self.enabled:
             self._file.close()
-            self._tb.close()
+            if self._tb is not None:
+                self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+
+
+def _start_wandb(run_dir: Path, options: dict[str, Any], recipe: dict[str, Any], resume: bool) -> Any:
+    """A W&B run (under RUN/wandb) with the recipe as its config; on resume, the run this directory started. Its own
+    console output is off: the run's console stays editrl's."""
+    import wandb
+
+    id_file = run_dir / WANDB_ID
+    run_id = id_file.read_text().strip() if resume and id_file.is_file() else secrets.token_hex(4)
+    id_file.write_text(run_id)
+    return wandb.init(
+        project=options.get("project"), entity=options.get("entity"), group=options.get("group"),
+        mode=options.get("mode", "online"), name=recipe.get("run", {}).get("name"), id=run_id, resume="allow",
+        config=recipe, dir=str(run_dir), settings=wandb.Settings(silent=True, console="off"),
+    )
 
 
 def _clean(v: float) -> float | None:
