@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "editrl.inference",
     "editrl.data.cli",
     "editrl.judge",
+    "editrl.export",
 ]
 
 
