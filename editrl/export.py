@@ -155,14 +155,16 @@ def readme(
         lines += [f"`{LORA_FILE}` is the LoRA (rank {recipe.optim.lora.rank}, alpha {recipe.optim.lora.alpha}) in "
                   f"diffusers' format, for `{pipeline}.load_lora_weights`"
                   + (" on the transformer in `transformer/` (this run trained the base transformer too):" if host
-                     else f" on the base transformer ({base}):"), "", "```python", f"from diffusers import {pipeline}", ""]
+                     else f" on the base transformer ({base}):"), "", "```python"]
         if host:
-            lines += ["from diffusers import AutoModel", "", f"transformer = AutoModel.from_pretrained({host})",
+            lines += [f"from diffusers import AutoModel, {pipeline}", "", f"transformer = AutoModel.from_pretrained({host})",
                       f'pipe = {pipeline}.from_pretrained("BASE_PIPELINE", transformer=transformer)']
         else:
-            lines += [f'pipe = {pipeline}.from_pretrained("BASE_PIPELINE")']
+            lines += [f"from diffusers import {pipeline}", "", f'pipe = {pipeline}.from_pretrained("BASE_PIPELINE")']
         lines += ['pipe.load_lora_weights("DIR")', "```", "",
-                  "`BASE_PIPELINE` is the diffusers pipeline repo or folder of that base (its VAE, scheduler, ...).", ""]
+                  "`BASE_PIPELINE` is the diffusers pipeline repo or folder of that base (its VAE, scheduler, ...). "
+                  f'Without a pipeline: `transformer.load_lora_adapter("DIR", weight_name="{LORA_FILE}", '
+                  'prefix="transformer")`.', ""]
     for name, cls, has_arguments in extras:
         build = f"{cls.__name__}(**json.load(open(\"DIR/{name}.json\")))" if has_arguments else f"{cls.__name__}(...)"
         lines += [f"`{name}.safetensors` holds the trained `{name}` ({cls.__module__}.{cls.__name__}):", "", "```python",

@@ -9,16 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 usage() { echo "usage: bash scripts/install.sh [--cuda] [--unlocked]   (env: PYTHON=python3 EDITRL_VENV=.venv)"; }
-CUDA=0
-LOCKED=1
-for arg in "$@"; do
-    case "$arg" in
-        --cuda) CUDA=1 ;;
-        --unlocked) LOCKED=0 ;;
-        -h|--help) usage; exit 0 ;;
-        *) echo "install.sh: unknown option '$arg'" >&2; usage >&2; exit 2 ;;
-    esac
-done
+source scripts/options.sh "$@"
 PY=${PYTHON:-python3}
 VENV=${EDITRL_VENV:-.venv}
 LOCK=locks/main.txt

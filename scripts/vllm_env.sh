@@ -11,16 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 usage() { echo "usage: bash scripts/vllm_env.sh [--cuda] [--unlocked]   (env: PYTHON=python3 VLLM_VENV=.venv-vllm VLLM_VERSION=0.32.0)"; }
-CUDA=0
-LOCKED=1
-for arg in "$@"; do
-    case "$arg" in
-        --cuda) CUDA=1 ;;
-        --unlocked) LOCKED=0 ;;
-        -h|--help) usage; exit 0 ;;
-        *) echo "vllm_env.sh: unknown option '$arg'" >&2; usage >&2; exit 2 ;;
-    esac
-done
+source scripts/options.sh "$@"
 PY=${PYTHON:-python3}
 VENV=${VLLM_VENV:-.venv-vllm}
 VLLM_VERSION=${VLLM_VERSION:-0.32.0}

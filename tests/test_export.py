@@ -1,7 +1,6 @@
 """`editrl export`: a run's LoRA in diffusers' format, loaded by the matching pipeline, reproduces editrl's policy."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
