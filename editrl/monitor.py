@@ -340,7 +340,10 @@ class RunLogger:
             if self._tb is not None:
                 self._tb.close()
             if self._wandb is not None:
+                import wandb
+
                 self._wandb.finish()
+                wandb.teardown()  # waits until W&B's service has written (or uploaded) all of the run
 
 
 def _start_wandb(run_dir: Path, options: dict[str, Any], recipe: dict[str, Any], resume: bool) -> Any:

@@ -47,7 +47,9 @@ def wandb_records(run: Path) -> list:
 
 def wandb_summary_and_config(run: Path) -> tuple[dict, dict]:
     summary, config = {}, {}
-    for record in wandb_records(run):
+    records = wandb_records(run)
+    assert records[-1].HasField("exit")  # the whole run is written once the logger has closed
+    for record in records:
         if record.HasField("summary"):
             for u in record.summary.update:
                 summary[".".join(u.nested_key) or u.key] = json.loads(u.value_json)
