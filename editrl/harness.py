@@ -109,8 +109,8 @@ RUN_OUTPUTS = ("checkpoints", "tensorboard", "wandb", WANDB_ID, "samples", "eval
                "sentinel.log", "before_after.png")
 # Recipe keys a resumed run may change (with a note): when and what it logs and saves, how long it runs, where.
 RESUME_SAFE = ("run.name", "run.output_dir", "run.threads", "run.loggers", "run.wandb", "train.steps", "train.log_every",
-               "train.save_every", "train.eval_every", "train.sample_every", "train.keep_checkpoints", "train.progress", "train.sentinel",
-               "grpo.async_rewards", "distributed.rollout_gather")
+               "train.save_every", "train.eval_every", "train.sample_every", "train.keep_checkpoints", "train.progress",
+               "train.sentinel", "grpo.async_rewards", "distributed.rollout_gather")
 # Keys the checkpoint itself fixes (the model, its adapter, the optimiser's state): never changed by a resume.
 RESUME_FIXED = ("policy.name", "policy.options", "optim.lora", "optim.lr", "optim.betas", "optim.eps",
                 "optim.weight_decay", "optim.ema.enabled", "distributed.backend", "distributed.zero_stage")
