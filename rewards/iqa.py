@@ -14,7 +14,7 @@ when it is built (a RecipeError: one line from the CLI), naming the metric, the 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import io
 import os
 from pathlib import Path
@@ -56,9 +56,11 @@ def _downloads(refuse: bool) -> Iterator[list[tuple[str, str]]]:
         return download
 
     patches = [(pyiqa_download, "download_url_to_file", False, True), (torch.hub, "download_url_to_file", False, False)]
-    if importlib.util.find_spec("clip") is not None:
+    try:
         from pyiqa.archs.clip_imports import clip  # noqa: F401  (imports `clip` as pyiqa does, without its warning)
-
+    except ImportError:  # no CLIP here: the metrics that need it say so when they are built
+        pass
+    else:
         patches.append((importlib.import_module("clip.clip"), "_download", True, False))
     saved = [(module, name, getattr(module, name)) for module, name, *_ in patches]
     for module, name, in_folder, own in patches:
