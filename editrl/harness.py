@@ -21,7 +21,7 @@ from editrl.checkpoint import find_checkpoint, load_training_state, policy_from_
 from editrl.config import Recipe, dump_recipe
 from editrl.data.base import EditDataset, build_dataset
 from editrl.distributed import make_backend
-from editrl.monitor import Bar, RunLogger, announce, console, progress
+from editrl.monitor import WANDB_ID, Bar, RunLogger, announce, console, progress
 from editrl.preflight import device_problems
 from editrl.sentinel import Sentinel, save_best
 from editrl.types import EditSample
@@ -134,12 +134,12 @@ def start_process(recipe: Recipe, seed: int, resume: bool, overwrite: bool = Fal
 
 
 # Outputs of a run, removed when a fresh run starts writing in its directory (so nothing of the old one mixes in).
-RUN_OUTPUTS = ("checkpoints", "tensorboard", "samples", "eval", "metrics.jsonl", "recipe.yaml", "sentinel.log",
-               "before_after.png")
+RUN_OUTPUTS = ("checkpoints", "tensorboard", "wandb", WANDB_ID, "samples", "eval", "metrics.jsonl", "recipe.yaml",
+               "sentinel.log", "before_after.png")
 # Recipe keys a resumed run may change (with a note): when and what it logs and saves, how long it runs, where.
-RESUME_SAFE = ("run.name", "run.output_dir", "run.threads", "train.steps", "train.log_every", "train.save_every",
-               "train.eval_every", "train.sample_every", "train.keep_checkpoints", "train.progress", "train.sentinel",
-               "grpo.async_rewards", "distributed.rollout_gather")
+RESUME_SAFE = ("run.name", "run.output_dir", "run.threads", "run.loggers", "run.wandb", "train.steps", "train.log_every",
+               "train.save_every", "train.eval_every", "train.sample_every", "train.keep_checkpoints", "train.progress",
+               "train.sentinel", "grpo.async_rewards", "distributed.rollout_gather")
 # Keys the checkpoint itself fixes (the model, its adapter, the optimiser's state): never changed by a resume.
 RESUME_FIXED = ("policy.name", "policy.options", "optim.lora", "optim.lr", "optim.betas", "optim.eps",
                 "optim.weight_decay", "optim.ema.enabled", "distributed.backend", "distributed.zero_stage")
@@ -254,7 +254,7 @@ class Harness:
             dump_recipe(recipe, self.run_dir / "recipe.yaml")
         self.logger = RunLogger(
             self.run_dir, enabled=self.backend.is_main, start_step=self.step, log_every=recipe.train.log_every,
-            label=self.label, total=recipe.train.steps, headline=self.headline,
+            label=self.label, total=recipe.train.steps, headline=self.headline, recipe=recipe.model_dump(mode="json"),
         )
 
     # ------------------------------------------------------------------ what a loop adds

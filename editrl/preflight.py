@@ -13,6 +13,7 @@ score without source or target videos (its `required` fields, else its `needs`) 
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,8 @@ def check(recipe: Recipe, check_paths: bool = True) -> None:
     from editrl.grpo import LOSSES
     from editrl.sde import SDE_KINDS
 
+    if "wandb" in recipe.run.loggers and importlib.util.find_spec("wandb") is None:
+        raise RecipeError("run.loggers: wandb is not installed: pip install 'editrl[wandb]', or drop it")
     _known(SDE_KINDS, recipe.sampling.sde, "sampling.sde", "sde kind")
     _known(LOSSES, recipe.grpo.loss, "grpo.loss", "loss")
     policy_cls = _lookup(POLICIES, recipe.policy.name, "policy.name")

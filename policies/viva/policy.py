@@ -61,6 +61,7 @@ class VivaOptions(DenoiserOptions):
     init_seed: int = 0  # seed of the refiner's random initialisation
     decode_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: a faster VAE decode (rewards see its pixels)
     decode_chunk: int = Field(4, ge=1)  # clips per VAE decode call: bounds decode memory at video sizes
+    hub_kernels: bool = False  # let transformers swap the VLM's layers for kernels from the Hugging Face hub
 
     @model_validator(mode="after")
     def _weights_given(self) -> VivaOptions:
@@ -87,7 +88,7 @@ class VivaPolicy(LoraPolicy):
         self.instructor = Instructor(
             paths["vlm"], options.vlm_family, hidden_layer=options.hidden_layer, system_prompt=options.system_prompt,
             crop_system=options.crop_system, min_pixels=options.image_min_pixels, max_pixels=options.image_max_pixels,
-            device=device, dtype=dtype,
+            device=device, dtype=dtype, hub_kernels=options.hub_kernels,
         )
         family = BACKBONES[options.backbone]
         dit_cls, vae_cls = family.classes()
