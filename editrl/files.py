@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shlex
 import socket
@@ -115,6 +116,7 @@ def disk_full(error: BaseException) -> bool:
 # ---------------------------------------------------------------- one process per run directory
 
 LOCK_NAME = ".editrl.lock"
+logger = logging.getLogger(__name__)
 _held: dict[Path, list[int]] = {}  # run directory -> [file descriptor, holders in this process, signed]
 
 
@@ -149,14 +151,20 @@ class RunLock:
             _held[self.path][1] += 1
             self.held = True
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise TrainingError(f"run.output_dir: cannot write to {self.path} ({e.strerror}): choose a writable folder") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)
             raise _in_use(self.path, holder) from None
+        except OSError as e:  # a filesystem without locks: say so once, and go on unguarded
+            logger.warning("cannot lock %s (%s): nothing stops another process from writing there meanwhile",
+                           self.path, e.strerror)
         _held[self.path] = [fd, 1, 0]
         self.held = True
 

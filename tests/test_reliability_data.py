@@ -592,3 +592,13 @@ def test_a_key_given_twice_in_json_is_refused(tmp_path):
     recipe = load_recipe("toy", ["distributed.backend=deepspeed", f"distributed.config={ds}"])
     with pytest.raises(EditrlError, match=r"distributed.config: .*ds.json is not valid JSON: key 'zero_optimization' is given twice"):
         deepspeed_config(recipe)
+
+
+def test_eval_refuses_a_mask_that_is_not_a_mask(toy_run, tmp_path):
+    """It used to score a 0.25/0.75 mask as all-true: the whole frame as the edit region (16.75 dB instead of 8.42)."""
+    root = good_folder(tmp_path / "data")
+    folder(root, [GOOD[0], with_fraction_mask(root)])
+    before = contents(root)
+    line = one_line_error(invoke("editrl.data.cli", "eval", "--checkpoint", toy_run, "--data", root, "--out", tmp_path / "ev"))
+    assert re.search(r"manifest.jsonl:2: mask .*clips/f.npz holds values other than 0 and 1 \(e.g. 0.75\)", line), line
+    assert contents(root) == before
