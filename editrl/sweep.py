@@ -31,6 +31,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
+from rich.markup import escape
 
 from editrl.base import RecipeError, StrictModel, TrainingError
 from editrl.checkpoint import checkpoint_steps
@@ -146,6 +148,7 @@ def expand(spec: SweepSpec, base: Path) -> list[Run]:
 
 
 _children: set[subprocess.Popen[bytes]] = set()  # the sweep's `editrl train` processes, stopped with it
+_stopping = threading.Event()  # set when the sweep is interrupted: no further run starts
 
 
 def run_one(run: Run, base: Path) -> tuple[Run, int | str]:
@@ -153,6 +156,8 @@ def run_one(run: Run, base: Path) -> tuple[Run, int | str]:
     exit code, or who holds the run when another process trains it now (then nothing of it is touched)."""
     if run.done:
         return run, 0
+    if _stopping.is_set():  # interrupted before this run started
+        return run, 130
     busy = run_in_use(run.run_dir)
     if busy is not None:
         return run, busy
@@ -180,27 +185,32 @@ def run_sweep(spec_path: str | Path, parallel: int | None = None, overrides: lis
     out = Path(spec.output_dir or f"runs/sweeps/{spec.name}")
     check_output(out, [Path(spec_path), base], "output_dir", folder=True, writes=RESULTS)  # each run checks its own
     todo = [r for r in runs if not r.done]
+    _stopping.clear()
     console.log(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already finished")
     failed, busy = [], []
+    pool = ThreadPoolExecutor(max_workers=parallel or spec.parallel)
     try:
-        with ThreadPoolExecutor(max_workers=parallel or spec.parallel) as pool:
-            for run, code in pool.map(lambda r: run_one(r, base), todo):
-                if isinstance(code, str):
-                    busy.append(f"{run.variant} seed {run.seed}: {run.run_dir} is in use by {code}")
-                    console.print(f"[yellow]{busy[-1]}[/yellow]: left to it", highlight=False)
-                    continue
-                status = "[green]done[/green]" if code == 0 else f"[red]failed ({code})[/red]"
-                console.log(f"{run.variant} seed {run.seed}: {status}  ({run.run_dir / 'train.log'})")
-                if code:
-                    failed.append(run)
+        for run, code in pool.map(lambda r: run_one(r, base), todo):
+            if isinstance(code, str):
+                busy.append(f"{run.variant} seed {run.seed}")
+                console.print(f"[yellow]{escape(busy[-1])}[/yellow]: {escape(str(run.run_dir))} is in use by "
+                              f"{escape(code)}: left to it", highlight=False)
+                continue
+            status = "[green]done[/green]" if code == 0 else f"[red]failed ({code})[/red]"
+            console.log(f"{run.variant} seed {run.seed}: {status}  ({run.run_dir / 'train.log'})")
+            if code:
+                failed.append(run)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the runs stop too (each resumes at the next invocation)
+        _stopping.set()
+        pool.shutdown(wait=False, cancel_futures=True)
         for proc in list(_children):
             proc.terminate()
         raise
+    pool.shutdown()
     write_results(runs, out, spec)
     if busy:
-        raise TrainingError(f"{len(busy)} of {len(runs)} runs are being trained by another process now ({busy[0]}); "
-                            "run the sweep again once it ends")
+        raise TrainingError(f"{len(busy)} of {len(runs)} runs are being trained by another process now "
+                            f"({', '.join(busy)}, named above): run the sweep again once it ends")
     if failed:
         raise TrainingError(f"{len(failed)} of {len(runs)} runs failed; see their train.log "
                             f"({failed[0].run_dir / 'train.log'}); run the sweep again to retry them")

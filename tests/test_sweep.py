@@ -92,14 +92,16 @@ def test_a_variant_named_twice_is_refused(tmp_path):
         load_spec(path)
 
 
-def test_a_sweep_leaves_a_run_another_process_trains(tmp_path, hold_lock):
+def test_a_sweep_leaves_a_run_another_process_trains(tmp_path, hold_lock, capsys):
     """A sweep started again while its first invocation runs: that run is left alone, named, and the sweep ends 2."""
     from editrl.base import TrainingError
 
     path = _spec(tmp_path, variants={"full": []})
     busy = tmp_path / "sweep" / "full" / "seed_0"
     holder = hold_lock(busy)
-    with pytest.raises(TrainingError, match=rf"1 of 1 runs are being trained by another process now \(full seed 0: "
-                                            rf"{re.escape(str(busy))} is in use by process {holder.pid} on "):
+    with pytest.raises(TrainingError, match=r"1 of 1 runs are being trained by another process now \(full seed 0, "
+                                            r"named above\): run the sweep again once it ends"):
         run_sweep(path)
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"full seed 0: {busy} is in use by process {holder.pid} on " in said and ": left to it" in said
     assert sorted(p.name for p in busy.iterdir()) == [".editrl.lock"]  # no train.log appended, nothing started
