@@ -82,19 +82,19 @@ def train(
     def go() -> None:
         from editrl.base import TrainingError
         from editrl.config import derive_layout, parse_recipe
-        from editrl.files import refuse_if_in_use
+        from editrl.files import check_flags, refuse_if_in_use
 
         started = time.perf_counter()
+        check_flags(resume, overwrite, accept_changes)
         name, changes = recipe, overrides or []
         if "=" in name and not Path(name).exists():  # `editrl train train.steps=5`: overrides of the default recipe
             name, changes = DEFAULT_RECIPE, [name, *changes]
         if not dry_run:  # said before torch and the plugins load (the run's own lock decides, in start_process)
             refuse_if_in_use(parse_recipe(name, changes).output_dir)
 
-        from editrl.harness import check_flags, resume_point
+        from editrl.harness import resume_point
         from editrl.preflight import check_reward_inputs, load_recipe
 
-        check_flags(resume, overwrite, accept_changes)
         rec = load_recipe(name, changes, check_paths=not dry_run)  # a dry run lists missing paths below
         check_reward_inputs(rec)
         if dry_run:

@@ -115,6 +115,15 @@ def disk_full(error: BaseException) -> bool:
 
 # ---------------------------------------------------------------- one process per run directory
 
+
+def check_flags(resume: bool, overwrite: bool, accept_changes: bool = False) -> None:
+    """Refuses what a run is told to do to its directory when it contradicts itself, before anything is read."""
+    if resume and overwrite:
+        raise TrainingError("--resume continues the run and --overwrite starts it over: pass one of them")
+    if accept_changes and not resume:
+        raise TrainingError("--accept-changes lets --resume continue with a changed recipe: use it with --resume")
+
+
 LOCK_NAME = ".editrl.lock"
 logger = logging.getLogger(__name__)
 _held: dict[Path, list[int]] = {}  # run directory -> [file descriptor, holders in this process, signed]

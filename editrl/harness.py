@@ -20,7 +20,7 @@ from editrl.checkpoint import (checkpoint_steps, clean_interrupted, find_checkpo
 from editrl.config import Recipe, dump_recipe, read_yaml
 from editrl.data.base import EditDataset, build_dataset
 from editrl.distributed import make_backend
-from editrl.files import RunLock, check_output, disk_full
+from editrl.files import RunLock, check_flags, check_output, disk_full
 from editrl.monitor import Bar, RunLogger, announce, console, progress
 from editrl.preflight import device_problems
 from editrl.sentinel import Sentinel, save_best
@@ -76,14 +76,6 @@ class Timer:
             if self.sync:
                 torch.cuda.synchronize()
             self.totals[name] += time.perf_counter() - t0
-
-
-def check_flags(resume: bool, overwrite: bool, accept_changes: bool = False) -> None:
-    """Refuses flags that contradict each other, before anything is read or written."""
-    if resume and overwrite:
-        raise TrainingError("--resume continues the run and --overwrite starts it over: pass one of them")
-    if accept_changes and not resume:
-        raise TrainingError("--accept-changes lets --resume continue with a changed recipe: use it with --resume")
 
 
 def start_process(recipe: Recipe, backend: Any, resume: bool, overwrite: bool = False) -> RunLock | None:
