@@ -8,7 +8,8 @@ prefers the target over each foil (ties count half, so 0.5 is chance) and the me
 correlation between the term and the oracle across one sample's candidates: GRPO reads only the order of a group's
 rewards for one request, so that order is the one that matters. The oracle is the mean of the benchmark's
 ground-truth columns in [0, 1] (fidelity and preservation SSIM, motion agreement: `editrl.evaluate.oracle_scores`);
-its own row shows which foils the data really degrade (a frozen static clip ties with its target).
+its own row shows which foils the data really degrade (a frozen static clip ties with its target). On images (one-frame
+data) the frozen foil and the temporal part of the oracle do not apply: n/a.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def prefers(target: float, foil: float) -> float:
 
 
 def candidates(source: Tensor, target: Tensor, wrong: Tensor | None, generator: torch.Generator) -> dict[str, Tensor]:
-    """The target and its foils, (B, T, C, H, W) each; `wrong_edit` only when another target of this shape exists."""
+    """The target and its foils, (B, T, C, H, W) each; `wrong_edit` only when another target of this shape exists,
+    `frozen` only for videos (an image frozen on its first frame is the target itself)."""
     blurred = F.avg_pool2d(target.flatten(0, 1), 3, stride=1, padding=1, count_include_pad=False).view_as(target)
     out = {
         "target": target,
@@ -68,7 +70,7 @@ def candidates(source: Tensor, target: Tensor, wrong: Tensor | None, generator: 
         "half_edit": (source + target) / 2,
         "blurred": blurred,
         "noisy": (target + 0.1 * torch.randn(target.shape, generator=generator)).clamp(0, 1),
-        "frozen": target[:, :1].expand_as(target).contiguous(),
+        "frozen": target[:, :1].expand_as(target).contiguous() if target.shape[1] > 1 else None,
     }
     return {k: v for k, v in out.items() if v is not None}
 

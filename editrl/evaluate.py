@@ -10,7 +10,8 @@ preservation). With ground truth (synthetic data) it reports oracle metrics:
 - smoothness: 1 - mean |frame-to-frame change| of the edit alone (needs no ground truth);
 
 plus the mean of any rewards given (judges included). Rows without a target get only smoothness and
-rewards; rows without a mask are scored on the whole frame for fidelity.
+rewards; rows without a mask are scored on the whole frame for fidelity. On images (one-frame videos) the temporal
+columns do not apply: n/a in the tables, left out of every mean.
 
 Beside the editor stand two yardsticks (`yardsticks`), scored the same way on the same samples: `copy` returns the
 source (an editor that does nothing) and `ceiling` the target through the policy's autoencoder (the best a latent

@@ -1,4 +1,4 @@
-"""`editrl edit`: one edit with a trained checkpoint; also the command-line entry of `editrl sft`.
+"""`editrl edit`: one edit of a video or an image with a trained checkpoint; also the command-line entry of `editrl sft`.
 
 Only typer is imported at module level (this module is loaded for every `editrl` command); torch and the
 models load inside the commands.
@@ -25,7 +25,7 @@ def training_size(recipe: Any) -> tuple[int, int] | None:
     manifest when that is still there; None when unknown."""
     from editrl.base import EditrlError
     from editrl.data.manifest import load_manifest
-    from editrl.data.video import probe_video
+    from editrl.data.video import probe_media
     from editrl.registry import DATASETS
 
     data = recipe.data.train
@@ -38,7 +38,7 @@ def training_size(recipe: Any) -> tuple[int, int] | None:
         return None
     try:
         first = load_manifest(path, check_media=False)[0]
-        _, h, w = probe_video(first.root / first.row.source)
+        _, h, w = probe_media(first.root / first.row.source)
     except (EditrlError, OSError):
         return None
     return h, w
@@ -55,6 +55,13 @@ def fit_size(size: tuple[int, int], trained: tuple[int, int] | None) -> tuple[tu
     h2, w2 = max(2, round(h * scale)), max(2, round(w * scale))
     note = f"{h}x{w} scaled to {h2}x{w2}, the pixel count the checkpoint was trained at ({trained[0]}x{trained[1]})"
     return (h2, w2), f"{note}; --keep-size edits at {h}x{w}"
+
+
+def resize(frames: Any, size: tuple[int, int]) -> Any:
+    """(T, C, H, W) in [0, 1] to (height, width): bicubic with antialiasing (area-like when shrinking), clamped."""
+    import torch.nn.functional as F
+
+    return F.interpolate(frames, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
 
 
 class _Ticking:
@@ -86,14 +93,15 @@ def run_edit(
     note: Callable[[str], None] = print,
     keep_size: bool = False,
 ) -> Path:
-    """Edit `video` as `instruction` says and write the result as an mp4; returns its path.
+    """Edit `video` (a video, or an image: a one-frame video) as `instruction` says and write the result as an mp4
+    (a PNG for an image, at the image's size); returns its path.
 
-    The output path is checked first; a video larger than the training size is scaled down unless `keep_size`."""
+    The output path is checked first; an input larger than the training size is scaled down unless `keep_size`."""
     import torch
 
     from editrl.base import CheckpointError, DataError
     from editrl.checkpoint import load_checkpoint
-    from editrl.data.video import probe_video, read_image, read_video, write_video
+    from editrl.data.video import is_image, probe_media, read_image, read_media, write_image, write_video
     from editrl.files import check_output
     from editrl.monitor import progress
     from editrl.preflight import check_device
@@ -101,11 +109,12 @@ def run_edit(
     from editrl.types import EditSample
 
     video, out = Path(video), Path(out)
+    image = is_image(video)
     if not instruction.strip():
         raise DataError("--instruction is empty: say what to change (e.g. --instruction \"make the car red\")")
     check_device(device, "--device")
-    check_output(out, [video, *([Path(reference)] if reference is not None else [])], suffix=".mp4")
-    _, *size = probe_video(video)  # a missing or unreadable video fails here, before the checkpoint loads
+    check_output(out, [video, *([Path(reference)] if reference is not None else [])], suffix=".png" if image else ".mp4")
+    _, *size = probe_media(video)  # a missing or unreadable input fails here, before the checkpoint loads
     ref = read_image(reference) if reference is not None else None
     policy, recipe = load_checkpoint(checkpoint, device)
     if not getattr(policy, "edits_video", True):
@@ -120,11 +129,14 @@ def run_edit(
     scaled, message = (None, None) if keep_size else fit_size((size[0], size[1]), training_size(recipe))
     if message:
         note(f"note: {message}")
-    source = read_video(video, size=scaled)
+    source = read_media(video, size=scaled)
     conform = getattr(policy, "conform_video", None)
     if conform is not None:
         source, message = conform(source)
-        if message:
+        if image and source.shape[0] != 1:
+            raise CheckpointError(f"{checkpoint} holds a {recipe.policy.name!r} policy, which cannot edit a single "
+                                  f"frame ({message}): `editrl edit --image` needs a policy that takes one-frame videos")
+        if message and not image:  # an image is resized back to its own size at the end
             note(f"note: {message}")
     n_steps = steps or recipe.sampling.eval_steps or recipe.sampling.steps
     sample = EditSample(id=video.stem, instruction=instruction, source=source, reference=ref)
@@ -137,15 +149,22 @@ def run_edit(
         bar.update(note="decode")
         edited = policy.decode(x0)[0].float().cpu()
         bar.update(advance=1, note="done")
+    if image:
+        if tuple(edited.shape[-2:]) != (size[0], size[1]):
+            note(f"note: edited at {edited.shape[-2]}x{edited.shape[-1]} (the size the policy takes), resized back to "
+                 f"the input's {size[0]}x{size[1]}")
+            edited = resize(edited, (size[0], size[1]))
+        return write_image(out, edited[0])
     odd = edited.shape[-1] % 2 or edited.shape[-2] % 2
     return write_video(out, edited, fps=max(1, round(video_fps(video))), lossless=bool(odd))
 
 
 def edit(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="a checkpoint directory, or a run directory (its latest)"),
-    video: Path = typer.Option(..., "--video", help="the source video"),
+    video: Optional[Path] = typer.Option(None, "--video", help="the source video"),
+    image: Optional[Path] = typer.Option(None, "--image", help="or a source image (png, jpg, webp): edited as one frame"),
     instruction: str = typer.Option(..., "--instruction", help="what to change"),
-    out: Path = typer.Option(..., "--out", help="where to write the edited mp4"),
+    out: Path = typer.Option(..., "--out", help="where to write the edit: an mp4 (--video) or a png (--image)"),
     reference: Optional[Path] = typer.Option(None, "--reference", help="a reference image for the edit"),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="ODE steps (default: the recipe's eval steps)"),
     shift: Optional[float] = typer.Option(None, "--shift", min=0.0, help="schedule shift (default: the recipe's)"),
@@ -156,20 +175,31 @@ def edit(
         False, "--keep-size", help="edit at the input's size (default: over twice the training pixel count is scaled down)"
     ),
 ) -> None:
-    """Edit a video with a trained checkpoint (GRPO or SFT) and write the result as an mp4.
+    """Edit a video (or an image) with a trained checkpoint (GRPO or SFT) and write the result as an mp4 (a png).
 
     The output path is checked before any work and may not be an input. A video of over twice the training pixel
-    count is scaled down to it (--keep-size keeps its size); the console says what was changed. The end of
+    count is scaled down to it (--keep-size keeps its size); the console says what was changed. An image is edited
+    as a one-frame video and written at its own size (resized back when the policy needed another). The end of
     `editrl train` prints this command for one of the run's held-out clips.
 
-    Example:
+    Examples:
       editrl edit --checkpoint runs/quickstart/grpo --video in.mp4 --instruction "make the square red" --out out.mp4
+      editrl edit --checkpoint runs/qwen_image_edit_tiny --image in.png --instruction "remove the star" --out out.png
     """
     from editrl.commands import console, run_cli
 
     def go() -> None:
+        from editrl.base import DataError
+        from editrl.data.video import IMAGE_SUFFIXES, is_image
+
+        if (video is None) == (image is None):
+            raise DataError("give --video (a video to edit) or --image (an image), one of them")
+        if image is not None and not is_image(image):
+            raise DataError(f"--image {image}: give an image file ({', '.join(IMAGE_SUFFIXES)}); a video goes to --video")
+        if video is not None and is_image(video):
+            raise DataError(f"--video {video} is an image: give it as --image (it is edited as one frame)")
         path = run_edit(
-            checkpoint, video, instruction, out, reference=reference, steps=steps, shift=shift, seed=seed,
+            checkpoint, video or image, instruction, out, reference=reference, steps=steps, shift=shift, seed=seed,  # type: ignore[arg-type]
             guidance_scale=guidance_scale, device=device, keep_size=keep_size,
             note=lambda msg: console.print(f"[yellow]{msg}[/yellow]", highlight=False),
         )

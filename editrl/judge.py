@@ -1,8 +1,8 @@
 """`editrl judge --recipe R --data DIR`: score a folder of existing edits with a recipe's rewards.
 
 Useful to check a judge (server up, prompt sensible, scores spread) before a long run. The folder is a
-manifest folder whose rows name their `edited` video; rows without one are skipped. Rows are scored in
-batches of equal video shape; the table shows each reward's score, or why it has none.
+manifest folder whose rows name their `edited` video (or image: the judges then see the image itself); rows without
+one are skipped. Rows are scored in batches of equal shape; the table shows each reward's score, or why it has none.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def score_folder(
         check_output(out, [*manifest_inputs(data), Path(recipe_path)])
     entries = [e for e in load_manifest(data, on_error="fail", allow_outside=allow_outside) if e.row.edited is not None]
     if not entries:
-        raise DataError(f"no row of {data} names an `edited` video to score")
+        raise DataError(f"no row of {data} names an `edited` video or image to score")
     rewards = recipe_rewards(recipe)
     if rewards is None:
         raise RecipeError(f"recipe {recipe_path} has no rewards: add rewards.terms to score with")
@@ -113,7 +113,7 @@ def render_table(names: list[str], rows: list[dict[str, Any]]) -> Any:
 
 def judge(
     recipe: str = typer.Option(..., "--recipe", "-r", help="recipe whose `rewards` score the edits"),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="manifest folder whose rows name an `edited` video"),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="manifest folder whose rows name an `edited` video or image"),
     overrides: Optional[list[str]] = typer.Argument(None, help="section.field=value overrides of the recipe"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="edits scored together (judges send them concurrently)"),
     max_frames: Optional[int] = typer.Option(None, "--max-frames", min=1, help="read at most this many frames per video"),

@@ -349,20 +349,20 @@ class RunLogger:
         return f"  {self.label} step {step}{of}  " + "  ".join(shown)
 
     def save_samples(self, step: int, samples: list[EditSample], edited: torch.Tensor, limit: int = 4) -> None:
-        """source | edited side by side (edited alone when there is no source) as mp4s under samples/."""
+        """source | edited side by side (edited alone when there is no source) under samples/: mp4s, or PNGs for
+        images."""
         if not self.enabled:
             return
         import torch
 
-        from editrl.data.video import write_video
+        from editrl.data.video import write_media
 
         out = self.run_dir / "samples" / f"step_{step:06d}"
         for i, (sample, video) in enumerate(zip(samples[:limit], edited[:limit])):
             frames = video
             if sample.source is not None and sample.source.shape == video.shape:
                 frames = torch.cat([sample.source, video], dim=-1)
-            odd = frames.shape[-1] % 2 or frames.shape[-2] % 2
-            write_video(out / f"{i}_{_slug(sample.instruction)}.mp4", frames, lossless=bool(odd))
+            write_media(out / f"{i}_{_slug(sample.instruction)}", frames)
 
     def close(self) -> None:
         if self.enabled:

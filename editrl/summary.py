@@ -62,6 +62,7 @@ def print_eval_before_after(run_dir: Path, console: Console) -> None:
 def run_summary(run_dir: Path, recipe: Any) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """([(what, where)], [(why, next command)]) for a finished `editrl train` run; paths as the user can type them."""
     from editrl.checkpoint import find_checkpoint
+    from editrl.data.video import is_image
 
     editrl = _prog()
     run = _show(run_dir)
@@ -82,7 +83,7 @@ def run_summary(run_dir: Path, recipe: Any) -> tuple[list[tuple[str, str]], list
     if "wandb" in recipe.run.loggers:
         w = recipe.run.wandb
         places.append(("W&B", f"wandb sync {run}/wandb/offline-run-* (uploads it)" if w.mode == "offline" else f"project {w.project}"))
-    videos = sorted((run_dir / "samples").rglob("*.mp4"))
+    videos = sorted(p for p in (run_dir / "samples").rglob("*") if p.suffix in (".mp4", ".png"))
     places.append(("sample videos", f"{len(videos)} in {run}/samples" if videos else "none (train.sample_every=N saves them)"))
     grid, before_after = run_dir / "eval" / "grid.png", run_dir / "before_after.png"
     places.append(("frame grid", _show(grid) if grid.is_file() else f"{_show(grid)}, written by `{editrl} eval`"))
@@ -94,10 +95,11 @@ def run_summary(run_dir: Path, recipe: Any) -> tuple[list[tuple[str, str]], list
     clip = _first_clip(recipe)
     if clip is not None:
         folder, row = clip
+        flag, suffix, what = ("--image", ".png", "image") if is_image(row["source"]) else ("--video", ".mp4", "clip")
         commands.append((
-            "edit a held-out clip with the trained policy",
-            f"{editrl} edit --checkpoint {run} --video {_show(folder / row['source'])} "
-            f"--instruction {shlex.quote(row['instruction'])} --out {_show(run_dir / 'edits' / (row['id'] + '.mp4'))}",
+            f"edit a held-out {what} with the trained policy",
+            f"{editrl} edit --checkpoint {run} {flag} {_show(folder / row['source'])} "
+            f"--instruction {shlex.quote(row['instruction'])} --out {_show(run_dir / 'edits' / (row['id'] + suffix))}",
         ))
         commands.append(("benchmark it on the held-out split: tables per category and a frame grid",
                          f"{editrl} eval --checkpoint {run} --data {_show(folder)}"))

@@ -23,11 +23,11 @@ def _split_ops(ops: list[str] | None) -> list[str] | None:
 
 @data_app.command("synth")
 def synth(
-    out: Path = typer.Option(..., "--out", help="folder to write (videos/, images/, masks/, manifest.jsonl)"),
+    out: Path = typer.Option(..., "--out", help="folder to write (videos/ or images/, masks/, manifest.jsonl)"),
     n: int = typer.Option(..., "--n", min=1, help="number of samples (ops are taken in turn)"),
     seed: int = typer.Option(0, "--seed", help="the same seed gives byte-identical data"),
     ops: Optional[list[str]] = typer.Option(None, "--ops", help="operations, comma-separated (default: all)"),
-    frames: int = typer.Option(9, "--frames", help="frames per video, 4k+1"),
+    frames: int = typer.Option(9, "--frames", help="frames per video, 4k+1 (1: image pairs, written as PNG)"),
     size: tuple[int, int] = typer.Option((64, 64), "--size", help="height and width"),
     split: str = typer.Option("train", "--split", help="a name that seeds its own stream (train, test, ...)"),
     generator: str = typer.Option("procedural", "--generator", help="a registered pair generator"),

@@ -8,8 +8,10 @@ the folder (absolute paths work too):
      "category": "remove", "edited": null, "meta": {}}
 
 Only `id`, `instruction` and `source` are required: a folder of a user's own videos and instructions
-is read exactly like the synthetic data. Masks are `.npz` files holding a bool array `mask` of shape
-(T, 1, H, W), (T, H, W) or (H, W) (one mask for every frame), True where change is allowed.
+is read exactly like the synthetic data. Source, target and edit may be images instead (png, jpg/jpeg, webp: a
+one-frame video), as long as every row of the manifest is of the same kind (a batch needs one). Masks are `.npz`
+files holding a bool array `mask` of shape (T, 1, H, W), (T, H, W) or (H, W) (one mask for every frame), or a
+single-channel image (black and white: 0 and 255, or 0 and 1), True (white) where change is allowed.
 Every row is checked when the dataset is opened (JSON, keys, non-empty instruction, files present, inside the
 folder and readable); a bad row is reported as `manifest.jsonl:LINE: problem` and skipped or fatal (`on_error`).
 Media paths must stay inside the manifest's folder, where they lead once links are followed (`..`, an absolute path
@@ -34,14 +36,23 @@ import numpy as np
 import torch
 from pydantic import Field, ValidationError, field_validator
 
-from editrl.data.video import MediaError, probe_video, read_image, read_video, write_image, write_video
+from editrl.data.video import (
+    MediaError,
+    is_image,
+    probe_image,
+    probe_media,
+    read_image,
+    read_media,
+    write_image,
+    write_media,
+)
 from editrl.base import DataError, StrictModel
 from editrl.files import resolved, unique_keys, within
 from editrl.types import EditSample
 
 MANIFEST_NAME = "manifest.jsonl"
 MEDIA_FIELDS = ("source", "target", "reference", "mask", "edited")
-VIDEO_FIELDS = ("source", "target", "edited")
+VIDEO_FIELDS = ("source", "target", "edited")  # videos, or images (one frame): the same kind in every row
 
 logger = logging.getLogger(__name__)
 
@@ -120,11 +131,35 @@ def save_mask(path: str | Path, mask: torch.Tensor | np.ndarray) -> Path:
     return path
 
 
+def _image_mask(path: Path) -> np.ndarray:
+    """A black-and-white image as an (H, W) bool array: one channel (or equal ones) holding 0 and 255 (or 0 and 1,
+    or 0 and 65535 at 16 bits); anything else is not a mask."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode == "1":
+                return np.array(img, dtype=bool)
+            wide = img.mode == "I" or img.mode.startswith("I;16")
+            array = np.asarray(img if wide or img.mode == "L" else img.convert("L"))  # colours convert to fractions
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise MediaError(f"cannot read mask {path}: {e}") from e
+    values = set(np.unique(array).tolist())
+    if not (values <= {0, 1} or values <= {0, 65535 if wide else 255}):
+        odd = sorted(values - {0, 1, 255, 65535})[:1] or sorted(values)[1:2]
+        raise MediaError(f"mask {path} holds values other than black and white (e.g. {odd[0]}): a mask is binary, "
+                         "white where the edit may change pixels; threshold it and save it with 0 and 255")
+    return array > 0
+
+
 def load_mask(path: str | Path, frames: int | None = None) -> torch.Tensor:
-    """An `.npz` mask as (T, 1, H, W) bool; a single (H, W) mask is repeated for `frames` frames."""
+    """An `.npz` or image mask as (T, 1, H, W) bool; a single (H, W) mask is repeated for `frames` frames."""
     path = Path(path)
     if not path.is_file():
         raise MediaError(f"mask not found: {path}")
+    if is_image(path):
+        return torch.from_numpy(_image_mask(path))[None, None].expand(frames or 1, 1, -1, -1).clone()
     try:
         with np.load(path, allow_pickle=False) as data:
             if "mask" not in data.files:
@@ -153,19 +188,18 @@ def load_mask(path: str | Path, frames: int | None = None) -> torch.Tensor:
 
 
 def write_sample(folder: str | Path, sample: EditSample, fps: int = 8) -> ManifestRow:
-    """Write a sample's media under `folder` (videos losslessly, so ground truth stays exact); its row."""
+    """Write a sample's media under `folder` losslessly, so ground truth stays exact (videos as mp4 under videos/,
+    one-frame samples as PNG images under images/); its row."""
     folder = Path(folder)
     if sample.source is None:
         raise ValueError(f"sample {sample.id!r} has no source video")
     row: dict[str, Any] = {"id": sample.id, "instruction": sample.instruction, "category": sample.category}
-    row["source"] = f"videos/{sample.id}_src.mp4"
-    write_video(folder / row["source"], sample.source, fps=fps, lossless=True)
-    if sample.target is not None:
-        row["target"] = f"videos/{sample.id}_tgt.mp4"
-        write_video(folder / row["target"], sample.target, fps=fps, lossless=True)
-    if sample.edited is not None:
-        row["edited"] = f"videos/{sample.id}_edit.mp4"
-        write_video(folder / row["edited"], sample.edited, fps=fps, lossless=True)
+    kind = "images" if sample.source.shape[0] == 1 else "videos"
+    for name, suffix in (("source", "src"), ("target", "tgt"), ("edited", "edit")):
+        frames = getattr(sample, name)
+        if frames is not None:
+            path = write_media(folder / kind / f"{sample.id}_{suffix}", frames, fps=fps, lossless=True)
+            row[name] = path.relative_to(folder).as_posix()
     if sample.reference is not None:
         row["reference"] = f"images/{sample.id}_ref.png"
         write_image(folder / row["reference"], sample.reference)
@@ -206,16 +240,6 @@ def manifest_inputs(path: str | Path) -> list[Path]:
     return found
 
 
-def _probe_image(path: Path) -> None:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise MediaError(f"cannot read image {path}: {e}") from e
-
-
 def _fitted_mask(path: Path, name: str, shape: tuple[int, ...]) -> torch.Tensor:
     """The mask at `path` for a source of (T, C, H, W) `shape`: one (T, 1, H, W) mask, or a MediaError naming it."""
     mask = load_mask(path, frames=shape[0])[: shape[0]]
@@ -235,9 +259,15 @@ def _outside(entry: ManifestEntry) -> str | None:
     return None
 
 
+def describe(shape: tuple[int, int, int]) -> str:
+    """(frames, height, width) in words: "9 frames of 32x48", or "an image of 32x48"."""
+    t, h, w = shape
+    return f"an image of {h}x{w}" if t == 1 else f"{t} frames of {h}x{w}"
+
+
 def _check_entry(entry: ManifestEntry, decode: bool) -> tuple[int, int, int] | None:
-    """Every media file of a row is there and opens; with `decode`, every video decodes to the source's shape.
-    Returns the source's (frames, height, width) when decoded."""
+    """Every media file of a row is there and opens; source, target and edit are all images or all videos, and with
+    `decode` each decodes to the source's shape. Returns the source's (frames, height, width) when decoded."""
     shape = None
     for name in MEDIA_FIELDS:
         path = entry.path(name)
@@ -247,14 +277,16 @@ def _check_entry(entry: ManifestEntry, decode: bool) -> tuple[int, int, int] | N
         if not path.is_file():
             raise MediaError(f"{name} {value} is not a file" if path.exists() else f"{name} file {value} not found")
         if name in VIDEO_FIELDS:
-            dims = probe_video(path, decode)
+            if is_image(path) != is_image(entry.row.source):
+                kinds = ("an image", "a video") if is_image(path) else ("a video", "an image")
+                raise MediaError(f"{name} {value} is {kinds[0]} but source {entry.row.source} is {kinds[1]}")
+            dims = probe_media(path, decode)
             if decode and shape is None:
                 shape = dims
             elif decode and dims != shape:
-                raise MediaError(f"{name} {value} is {dims[0]} frames of {dims[1]}x{dims[2]} but source is "
-                                 f"{shape[0]} frames of {shape[1]}x{shape[2]}")
+                raise MediaError(f"{name} {value} is {describe(dims)} but source is {describe(shape)}")  # type: ignore[arg-type]
         elif name == "reference":
-            _probe_image(path)
+            probe_image(path, decode)
         elif shape is not None:
             _fitted_mask(path, value, (shape[0], 1, *shape[1:]))
         else:
@@ -272,10 +304,11 @@ def batch_problem(entries: list[ManifestEntry], limit: int = 5) -> str | None:
         return None
     common, *others = sorted(groups, key=lambda k: -len(groups[k]))
     odd = [e for k in others for e in groups[k]]
-    sizes = ", ".join(f"{len(groups[k])} of {k[0]} frames of {k[1]}x{k[2]}" for k in (common, *others))
+    sizes = ", ".join(f"{len(groups[k])} of {describe(k).removeprefix('an image of ')}" for k in (common, *others))
     names = ", ".join(f"{e.row.source} (line {e.line})" for e in odd[:limit]) + (" ..." if len(odd) > limit else "")
-    return (f"source clips differ in size ({sizes}) and a batch needs one size: resize or trim them, or split the "
-            f"folder; not {common[0]} frames of {common[1]}x{common[2]}: {names}")
+    what = "images" if common[0] == 1 else "clips"
+    return (f"source {what} differ in size ({sizes}) and a batch needs one size: resize or trim them, or split the "
+            f"folder; not {describe(common)}: {names}")
 
 
 def _row_error(err: ValidationError) -> str:
@@ -302,7 +335,7 @@ def load_manifest(
 
     `check_media` opens each referenced file (headers only) so that an unreadable video is reported with its line
     number now rather than as a crash mid-training; `decode` (`editrl data check`) decodes every frame too, and
-    records each source's shape for `batch_problem`.
+    records each source's shape for `batch_problem`. A manifest whose good rows mix images and videos is refused.
     """
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
@@ -349,6 +382,12 @@ def load_manifest(
             logger.warning("skipping row: %s", message)
             problems.append(message)
             continue
+        if entries and is_image(row.source) != is_image(entries[0].row.source):
+            first = entries[0]
+            raise ManifestError(
+                f"{manifest} mixes images and videos (line {first.line}: {first.row.source}, line {number}: "
+                f"{row.source}) and a batch holds one kind: put the image rows and the video rows in two folders"
+            )
         seen[row.id] = number
         entries.append(entry)
     if not entries:
@@ -370,9 +409,9 @@ def _decode(entry: ManifestEntry, max_frames: int | None) -> EditSample:
 
     def video(name: str) -> torch.Tensor | None:
         path = entry.path(name)
-        return None if path is None else read_video(path, max_frames=max_frames)
+        return None if path is None else read_media(path, max_frames=max_frames)
 
-    source = read_video(entry.root / row.source, max_frames=max_frames)
+    source = read_media(entry.root / row.source, max_frames=max_frames)
     target, edited = video("target"), video("edited")
     for name, value in (("target", target), ("edited", edited)):
         if value is not None and value.shape != source.shape:

@@ -79,7 +79,7 @@ class ProceduralGenerator:
     """Textured shapes over a panning textured background; exact targets and masks for every op."""
 
     name = "procedural"
-    version = "1"
+    version = "2"  # 2: one-frame samples (images) say "the image" where videos say "the video"
     ops = OPS
 
     def __init__(
@@ -274,6 +274,8 @@ class ProceduralGenerator:
         else:
             c1, c2 = ed.clauses
             instruction = pick(rng, JOINS).format(C1=cap(c1), c1=c1, c2=c2)
+        if self.frames == 1:  # an image: the same edit, said of a picture
+            instruction = instruction.replace("the video", "the image").replace("the footage", "the image")
         reference = None
         if ed.reference is not None:
             unit = min(self.size)

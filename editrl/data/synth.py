@@ -1,5 +1,7 @@
 """Synthetic paired edit data: (source video, instruction, [reference image], target video, edit mask).
 
+With `frames: 1` the pairs are images (the same categories, masks and references), written as PNG files.
+
 The paper builds its paired data by editing real videos with models; on a CPU and for exact ground
 truth, editrl draws procedural scenes instead (`scenes.py` renders them, `procedural.py` edits them).
 
@@ -51,9 +53,9 @@ GENERATORS: Registry[Any] = Registry(
 
 
 def check_frames(frames: int) -> int:
-    """Wan-style video VAEs compress time 4x after the first frame, so clips have 4k+1 frames."""
+    """Wan-style video VAEs compress time 4x after the first frame, so clips have 4k+1 frames; 1 makes images."""
     if frames < 1 or frames % 4 != 1:
-        raise DataError(f"frames must be 4k+1 (5, 9, 13, ...) for video VAEs, got {frames}")
+        raise DataError(f"frames must be 4k+1 (1 for images; 5, 9, 13, ... for video VAEs), got {frames}")
     return frames
 
 

@@ -1,8 +1,14 @@
-"""Video and image I/O with PyAV (bundles ffmpeg) and PIL; tensors are (T, C, H, W) float in [0, 1]."""
+"""Video and image I/O with PyAV (bundles ffmpeg) and PIL; tensors are (T, C, H, W) float in [0, 1].
+
+An image is a one-frame video: `read_media` / `probe_media` / `write_media` take either, told apart by the file's
+suffix (`IMAGE_SUFFIXES`), so the data layer, `editrl edit` and the judges handle both with one code path.
+"""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -11,8 +17,16 @@ from torch import Tensor
 from editrl.base import DataError
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
 class MediaError(DataError):
     """A media file that is missing, unreadable or empty; the message names the file."""
+
+
+def is_image(path: str | Path) -> bool:
+    """Whether a media path names an image (by its suffix); anything else is read as a video."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
 def _unreadable(path: Path, decoded: int, error: Exception) -> MediaError:
@@ -113,19 +127,55 @@ def write_video(path: str | Path, frames: Tensor, fps: int = 8, lossless: bool =
     return path
 
 
-def read_image(path: str | Path) -> Tensor:
-    """An image file as (C, H, W) float32 in [0, 1] (RGB)."""
+@contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """The PIL image at `path`; whatever PIL raises while it is open becomes a MediaError naming the file."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
     if not path.is_file():
         raise MediaError(f"image not found: {path}")
     try:
         with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
+            yield img
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # a truncated file is an OSError
         raise MediaError(f"cannot read image {path}: {e}") from e
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+
+
+def probe_image(path: str | Path, decode: bool = False) -> tuple[int, int, int]:
+    """(1, height, width) of an image as it is shown (a photo's EXIF orientation applied): the header only, or with
+    `decode` every pixel decoded."""
+    with _opened(Path(path)) as img:
+        if decode:
+            img.load()
+        w, h = img.size
+        turned = img.getexif().get(0x0112) in (5, 6, 7, 8)  # stored rotated by 90 degrees
+    return (1, w, h) if turned else (1, h, w)
+
+
+def probe_media(path: str | Path, decode: bool = False) -> tuple[int, int, int]:
+    """(frames, height, width) of a video or an image (one frame)."""
+    return probe_image(path, decode) if is_image(path) else probe_video(path, decode)
+
+
+def read_image(path: str | Path, size: tuple[int, int] | None = None) -> Tensor:
+    """An image file as (C, H, W) float32 in [0, 1] (RGB, upright); `size` (height, width) scales it by area
+    averaging, as `read_video` does its frames."""
+    from PIL import Image, ImageOps
+
+    with _opened(Path(path)) as img:
+        img = ImageOps.exif_transpose(img)
+        wide = img.mode == "I" or img.mode.startswith("I;16")  # 16-bit greyscale: PIL's RGB would clip it to white
+        img = img.convert("F" if wide else "RGB")
+    if size is not None and (size[0], size[1]) != (img.height, img.width):
+        img = img.resize((size[1], size[0]), Image.Resampling.BOX)
+    if wide:
+        return torch.from_numpy(np.asarray(img) / 65535).float().clamp(0, 1).expand(3, -1, -1).contiguous()
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def read_media(path: str | Path, max_frames: int | None = None, size: tuple[int, int] | None = None) -> Tensor:
+    """A video, or an image as a one-frame video: (T, C, H, W) float32 in [0, 1]."""
+    return read_image(path, size)[None] if is_image(path) else read_video(path, max_frames, size)
 
 
 def write_image(path: str | Path, image: Tensor) -> Path:
@@ -136,3 +186,13 @@ def write_image(path: str | Path, image: Tensor) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(to_uint8(image[None])[0]).save(path)
     return path
+
+
+def write_media(stem: str | Path, frames: Tensor, fps: int = 8, lossless: bool = False) -> Path:
+    """(T, C, H, W) in [0, 1] at `stem` + a suffix: one frame as a PNG, more as an mp4 (odd sizes losslessly, which
+    H.264 in yuv420p cannot hold). The path written."""
+    stem = Path(stem)
+    if frames.shape[0] == 1:
+        return write_image(stem.with_name(stem.name + ".png"), frames[0])
+    odd = frames.shape[-1] % 2 or frames.shape[-2] % 2
+    return write_video(stem.with_name(stem.name + ".mp4"), frames, fps=fps, lossless=lossless or bool(odd))
