@@ -165,6 +165,8 @@ REWARDS: Registry[Any] = Registry(
         "vlm_fidelity": "editrl.rewards.vlm_judge.judges:Fidelity",
         "vlm_preservation": "editrl.rewards.vlm_judge.judges:Preservation",
         "vlm_aesthetics": "editrl.rewards.vlm_judge.judges:Aesthetics",
+        "edit_reward": "editrl.rewards.vlm_judge.judges:EditReward",
+        "viescore": "editrl.rewards.vlm_judge.judges:VieScore",
         "iqa": "editrl.rewards.iqa:Iqa",
         "pixel_preservation": "editrl.rewards.pixel:Preservation",
         "temporal_consistency": "editrl.rewards.pixel:TemporalConsistency",

@@ -18,8 +18,16 @@ import torch
 from editrl.config import RecipeError
 from editrl.preflight import load_recipe
 from editrl.reward import build_reward
-from editrl.rewards.vlm_judge import Aesthetics, Fidelity, JudgeOptions, JudgeUnavailable, Preservation
-from editrl.rewards.vlm_judge.scoring import expected_score, parse_integer, read_score, score_tokens
+from editrl.rewards.vlm_judge import (
+    Aesthetics,
+    EditReward,
+    Fidelity,
+    JudgeOptions,
+    JudgeUnavailable,
+    Preservation,
+    VieScore,
+)
+from editrl.rewards.vlm_judge.scoring import expected_score, parse_integers, read_scores, score_tokens
 from editrl.types import RewardBatch
 
 RECORDED = Path(__file__).parent / "judge" / "recorded"
@@ -91,7 +99,7 @@ def test_a_broken_log_probability_is_an_error_never_the_runner_up():
         expected_score([("8", math.nan), ("3", -2.0)], 0, 9)
     with pytest.raises(ValueError, match="is 3.0"):
         expected_score([("8", 3.0)], 0, 9)  # a probability of e^3
-    s = read_score("8", [("8", [("8", math.nan), ("3", -2.0)])], 0, 9)
+    (s,) = read_scores("8", [("8", [("8", math.nan), ("3", -2.0)])], 1, 0, 9)
     assert s.value is None and "the reply's log-probabilities are broken" in s.error
 
 
@@ -113,20 +121,22 @@ def test_a_reply_with_broken_log_probabilities_is_invalid(tmp_path, value, reaso
     assert not out.valid.any() and all(reason in e for e in out.extras["error"]), out.extras["error"]
 
 
-def test_parse_integer_rejects_missing_and_out_of_range_scores():
-    assert parse_integer("Score: 7/9", 0, 9) == (7, None)
-    assert parse_integer("no idea", 0, 9)[0] is None
-    value, why = parse_integer("15", 0, 9)
-    assert value is None and "outside 0..9" in why
-    assert parse_integer("3.5", 0, 9)[0] is None  # not an integer answer
+def test_parse_integers_rejects_missing_and_out_of_range_scores():
+    assert parse_integers("Score: 7/9", 1, 0, 9) == ([7], None)
+    assert parse_integers("no idea", 1, 0, 9)[0] is None
+    values, why = parse_integers("15", 1, 0, 9)
+    assert values is None and "outside 0..9" in why
+    assert parse_integers("3.5", 1, 0, 9)[0] is None  # not an integer answer
+    assert parse_integers("[7, 2]", 2, 0, 9) == ([7, 2], None)
+    assert parse_integers("7", 2, 0, 9) == (None, "2 scores needed, 1 in reply '7'")
 
 
 def test_read_score_uses_the_position_of_the_generated_score_token():
     positions = [("Score", [("Score", -0.1), ("2", -3.0)]), (":", [(":", 0.0)]), ("6", [("6", math.log(0.5)), ("8", math.log(0.5))])]
-    s = read_score("Score: 6", positions, 0, 9)
+    (s,) = read_scores("Score: 6", positions, 1, 0, 9)
     assert (s.value, s.method) == (pytest.approx(7.0), "logprobs")
-    assert read_score("6", None, 0, 9).method == "text"
-    assert read_score("", None, 0, 9).error == "empty reply"
+    assert read_scores("6", None, 1, 0, 9)[0].method == "text"
+    assert read_scores("", None, 1, 0, 9)[0].error == "empty reply"
 
 
 def test_score_range_must_be_single_tokens():
@@ -389,3 +399,143 @@ def test_editrl_train_reports_a_dead_judge_server_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml")], env={"COLUMNS": "300"})
     assert result.exit_code == 2
     assert "judge server http://127.0.0.1:9/v1 is not reachable" in result.output and "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------------------------------ edit rubrics
+
+
+def image_batch(n: int = 2, seed: int = 0) -> RewardBatch:
+    """Images: one-frame videos."""
+    g = torch.Generator().manual_seed(seed)
+    return RewardBatch(instructions=[f"make object {i} red" for i in range(n)], sources=torch.rand(n, 1, 3, 16, 16, generator=g),
+                       edited=torch.rand(n, 1, 3, 16, 16, generator=g), references=[None] * n)
+
+
+def expected_at(reply: str, position: int, lo: int, hi: int) -> float:
+    """The expected score at one generated position of a recorded reply, computed here from its log-probs."""
+    top = recorded(reply)["body"]["choices"][0]["logprobs"]["content"][position]["top_logprobs"]
+    probs = {int(t["token"]): math.exp(t["logprob"]) for t in top if t["token"].isdigit() and lo <= int(t["token"]) <= hi}
+    return sum(k * p for k, p in probs.items()) / sum(probs.values())
+
+
+def rubric_server(**replies: str | dict) -> FakeServer:
+    """Answers each rubric question (found by a phrase of its prompt) with a recorded reply (its file, or a body)."""
+    phrases = {"editing success": "sc", "naturalness": "pq", "Score how well the edit follows": "following",
+               "Score the edited": "quality"}
+
+    def chat(request, body):
+        text = json.dumps(body["messages"])
+        question = next(q for phrase, q in phrases.items() if phrase in text)
+        reply = replies[question]
+        return 200, recorded(reply)["body"] if isinstance(reply, str) else reply
+
+    return FakeServer(chat)
+
+
+def rubric(cls, server: FakeServer, **kw):
+    return cls(cls.Options.model_validate({"model": "tiny-vlm", "base_urls": [URL_A], "cache_dir": None} | kw),
+               transport=server.transport)
+
+
+def test_viescore_is_the_geometric_mean_of_the_lower_sub_scores():
+    from editrl.rewards.vlm_judge.scoring import to_ten, viescore
+
+    assert viescore([7.0, 9.0], [4.0, 10.0]) == (7.0, 4.0, pytest.approx(math.sqrt(28.0)))
+    assert viescore([0.0, 9.0], [8.0, 8.0])[2] == 0.0  # an edit that failed scores 0 however good it looks
+    assert (to_ten(0, 0, 9), to_ten(9, 0, 9), to_ten(4.5, 0, 9)) == (0.0, 10.0, 5.0)
+
+
+def test_read_scores_reads_each_answer_from_its_own_position():
+    content = recorded("chat_two_scores.json")["body"]["choices"][0]["logprobs"]["content"]
+    positions = [(p["token"], [(t["token"], t["logprob"]) for t in p["top_logprobs"]]) for p in content]
+    first, second = read_scores("2, 2", positions, 2, 0, 9)
+    assert (first.method, second.method) == ("logprobs", "logprobs")
+    assert first.value == pytest.approx(expected_at("chat_two_scores.json", 0, 0, 9))
+    assert second.value == pytest.approx(expected_at("chat_two_scores.json", 3, 0, 9))
+    assert first.value != second.value  # two distributions, not one read twice
+    assert [s.value for s in read_scores("[3, 8]", None, 2, 0, 9)] == [3.0, 8.0]
+    assert all(s.error == "2 scores needed, 1 in reply '5'" for s in read_scores("5", None, 2, 0, 9))
+
+
+def test_viescore_from_recorded_replies(tmp_path):
+    server = rubric_server(sc="chat_two_scores.json", pq="chat_two_scores_pq.json")
+    out = score(rubric(VieScore, server), image_batch(2))
+    assert out.valid.all(), out.extras["error"]
+    ten = {name: 10 * expected_at(reply, pos, 0, 9) / 9 for name, reply, pos in (
+        ("editing_success", "chat_two_scores.json", 0), ("over_editing", "chat_two_scores.json", 3),
+        ("naturalness", "chat_two_scores_pq.json", 0), ("artifacts", "chat_two_scores_pq.json", 3))}
+    sc, pq = min(ten["editing_success"], ten["over_editing"]), min(ten["naturalness"], ten["artifacts"])
+    assert out.extras["sc"] == pytest.approx([sc] * 2) and out.extras["pq"] == pytest.approx([pq] * 2)
+    assert out.extras["overall"] == pytest.approx([math.sqrt(sc * pq)] * 2)
+    assert out.scores.tolist() == pytest.approx([math.sqrt(sc * pq) / 10] * 2, rel=1e-6)
+    assert out.extras["method"] == ["logprobs"] * 2
+    assert len(server.requests) == 4  # SC and PQ for each sample
+    bodies = {("sc" if "editing success" in json.dumps(b) else "pq"): b for _, b in server.requests[:2]}
+    for body in bodies.values():
+        assert body["temperature"] == 0.0 and body["logprobs"] is True and body["top_logprobs"] == 10
+        assert body["structured_outputs"]["choice"][:3] == ["0, 0", "0, 1", "0, 2"]
+        assert len(body["structured_outputs"]["choice"]) == 100 and body["max_tokens"] == 5
+    assert images_in(bodies["sc"]) == 2 and images_in(bodies["pq"]) == 1  # the images themselves: source + edit, edit
+    assert "The original image" in json.dumps(bodies["sc"]) and "Frames" not in json.dumps(bodies["sc"])
+
+
+def test_edit_reward_sums_its_two_dimensions_on_a_one_to_four_scale(tmp_path):
+    three = recorded("chat_no_logprobs.json")["body"]
+    three["choices"][0]["message"]["content"] = "3"  # a reply without log-probs: its text is the score
+    server = rubric_server(following="chat_one_to_four.json", quality=three)
+    out = score(rubric(EditReward, server, frames=3), batch(2, references=True))  # videos: 3 frames of each, a reference
+    following, quality = expected_at("chat_one_to_four.json", 0, 1, 4), 3.0
+    assert out.valid.all(), out.extras["error"]
+    assert out.extras["instruction_following"] == pytest.approx([following] * 2)
+    assert out.extras["visual_quality"] == [quality] * 2 and out.extras["method"] == ["logprobs+text"] * 2
+    assert out.extras["overall"] == pytest.approx([following + quality] * 2)  # EditReward's overall: 2..8
+    assert out.scores.tolist() == pytest.approx([(following + quality - 2) / 6] * 2, rel=1e-6)
+    body = server.requests[0][1]
+    assert body["structured_outputs"] == {"choice": ["1", "2", "3", "4"]} and body["top_logprobs"] == 4
+    assert sorted(images_in(b) for _, b in server.requests) == [6, 6, 6, 7]  # the one reference: to following only
+    assert "Frames of the edited video" in json.dumps(body)
+
+
+def test_a_rubric_sample_is_invalid_when_any_of_its_questions_fails(tmp_path):
+    def chat(request, body):
+        if "naturalness" in json.dumps(body["messages"]):
+            return 500, {"error": {"message": "engine dead"}}
+        return 200, recorded("chat_two_scores.json")["body"]
+
+    out = score(rubric(VieScore, FakeServer(chat), retries=0), image_batch(2))
+    assert not out.valid.any() and all("HTTP 500" in e and "engine dead" in e for e in out.extras["error"])
+    short = FakeServer(lambda r, b: (200, recorded("chat_no_logprobs.json")["body"]))  # one score where two are asked
+    out = score(rubric(VieScore, short), image_batch(1))
+    assert not out.valid.any() and "2 scores needed, 1 in reply" in out.extras["error"][0]
+
+
+def test_rubric_prompts_are_given_per_question(tmp_path):
+    mine = tmp_path / "pq.txt"
+    mine.write_text("Rate {{ edited }} twice, {{ min_score }}-{{ max_score }}: naturalness, then artifacts. QWERTY")
+    server = FakeServer(lambda r, b: (200, recorded("chat_two_scores.json")["body"]))
+    score(rubric(VieScore, server, prompt={"pq": str(mine)}), image_batch(1))
+    texts = [json.dumps(b["messages"]) for _, b in server.requests]
+    assert sum("QWERTY" in t for t in texts) == 1 and sum("editing success" in t for t in texts) == 1
+    base = {"model": "m", "health_check": False, "cache_dir": None}
+    with pytest.raises(RecipeError, match=r"viescore asks 2 questions: give prompt as \{sc: FILE, pq: FILE\}"):
+        build_reward("viescore", base | {"prompt": str(mine)})
+    with pytest.raises(RecipeError, match=r"viescore has no question 'qp'.*its questions: sc, pq"):
+        build_reward("viescore", base | {"prompt": {"qp": str(mine)}})
+    video_only = tmp_path / "video_only.txt"
+    video_only.write_text("{% if video %}{{ edited }}{% endif %} score {{ min_score }}-{{ max_score }}")
+    with pytest.raises(ValueError, match=r"never shows \{\{ edited \}\} for an image"):
+        Aesthetics(options(tmp_path, prompt=str(video_only), health_check=False))
+
+
+def test_rubrics_are_registered_rewards_with_their_scales():
+    judge = build_reward("edit_reward", {"model": "m", "health_check": False, "cache_dir": None})
+    assert (judge.options.min_score, judge.options.max_score) == (1, 4) and "reference" in judge.needs
+    judge = build_reward("viescore", {"model": "m", "health_check": False, "cache_dir": None})
+    assert (judge.options.min_score, judge.options.max_score) == (0, 9)
+    recipe = {
+        "policy": {"name": "toy_t2v"},
+        "data": {"train": {"kind": "prompts", "options": {"prompts": ["a red ball"]}}},
+        "rewards": [{"name": "viescore", "options": {"model": "m", "max_score": 10}}],
+    }
+    with pytest.raises(RecipeError, match=r"rewards.terms.0.options.*0..9"):
+        load_recipe(recipe)

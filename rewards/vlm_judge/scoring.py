@@ -1,10 +1,11 @@
-"""Reading a judge's score from its reply: log-probs first, the reply's text as a fallback.
+"""Reading a judge's scores from its reply: log-probs first, the reply's text as a fallback; the rubrics' arithmetic.
 
-A judge answers with one score token (0-9 by default). When the server returns the top log-probs of
-that position, the score is the expected value over the score tokens, which is smoother and more
-informative than the argmax digit (two edits that both get "7" can still be ranked). Scores are single
-digits because tokenizers such as Qwen's split numbers into digits: "10" would be two positions and its
-probability could not be read from one distribution.
+A judge answers with one score token (0-9 by default), or with several ("7, 3") when its question asks for several
+scores. When the server returns the top log-probs of each score's position, the score is the expected value over the
+score tokens, which is smoother and more informative than the argmax digit (two edits that both get "7" can still be
+ranked); Edit-R1 (UniWorld-V2, arXiv:2510.16888, reward_server/reward_server.py) scores its judge the same way.
+Scores are single digits because tokenizers such as Qwen's split numbers into digits: "10" would be two positions and
+its probability could not be read from one distribution.
 """
 
 from __future__ import annotations
@@ -55,41 +56,60 @@ def expected_score(top_logprobs: list[tuple[str, float]], min_score: int, max_sc
     return sum(v * p for v, p in probs.items()) / total
 
 
-def parse_integer(text: str, min_score: int, max_score: int) -> tuple[int | None, str | None]:
-    """The first integer in `text` if it is a valid score, else (None, why)."""
-    match = _INTEGER.search(text)
-    if match is None:
-        return None, f"no score in reply {text[:80]!r}"
-    value = int(match.group())
-    if not min_score <= value <= max_score:
-        return None, f"score {value} outside {min_score}..{max_score} in reply {text[:80]!r}"
-    return value, None
+def parse_integers(text: str, n: int, min_score: int, max_score: int) -> tuple[list[int] | None, str | None]:
+    """The first `n` integers in `text` if they are valid scores, else (None, why)."""
+    found = [int(m.group()) for m in _INTEGER.finditer(text)][:n]
+    if len(found) < n:
+        return None, f"no score in reply {text[:80]!r}" if not found else f"{n} scores needed, {len(found)} in reply {text[:80]!r}"
+    bad = next((v for v in found if not min_score <= v <= max_score), None)
+    if bad is not None:
+        return None, f"score {bad} outside {min_score}..{max_score} in reply {text[:80]!r}"
+    return found, None
 
 
-def read_score(
+def read_scores(
     content: str | None,
     positions: list[tuple[str, list[tuple[str, float]]]] | None,
+    n: int,
     min_score: int,
     max_score: int,
-) -> Score:
-    """Score from one reply; `positions` holds (generated token, its top log-probs) per position, or None.
+) -> list[Score]:
+    """The first `n` scores of one reply; `positions` holds (generated token, its top log-probs) per position, or None.
 
-    The answer is the first generated token that is a score (an unconstrained reply may start with a
-    space or "Score:"); its position's distribution gives the expected value.
+    Each answer is a generated token that is a score (an unconstrained reply may start with a space or "Score:"); its
+    position's distribution gives the expected value. Without log-probs at every score's position, all `n` are read
+    from the text. A reply that cannot give all `n` gives `n` failed Scores with the reason.
     """
     valid = set(score_tokens(min_score, max_score))
+    found: list[Score] = []
     for token, top in positions or []:
-        if token.strip() in valid:
-            try:
-                value = expected_score(top, min_score, max_score)
-            except ValueError as e:
-                return Score(None, None, f"{e}: the reply's log-probabilities are broken")
-            if value is not None:
-                return Score(value, "logprobs")
+        if token.strip() not in valid:
+            continue
+        try:
+            value = expected_score(top, min_score, max_score)
+        except ValueError as e:
+            return [Score(None, None, f"{e}: the reply's log-probabilities are broken")] * n
+        if value is None:
             break
+        found.append(Score(value, "logprobs"))
+        if len(found) == n:
+            return found
     if not content or not content.strip():
-        return Score(None, None, "empty reply")
-    value, error = parse_integer(content, min_score, max_score)
-    if value is None:
-        return Score(None, None, error)
-    return Score(float(value), "text")
+        return [Score(None, None, "empty reply")] * n
+    values, error = parse_integers(content, n, min_score, max_score)
+    if values is None:
+        return [Score(None, None, error)] * n
+    return [Score(float(v), "text") for v in values]
+
+
+def to_ten(value: float, min_score: int, max_score: int) -> float:
+    """A score on the judge's `min_score..max_score` scale mapped linearly onto 0..10 (VIEScore's scale)."""
+    return 10.0 * (value - min_score) / (max_score - min_score)
+
+
+def viescore(sc: list[float], pq: list[float]) -> tuple[float, float, float]:
+    """(SC, PQ, overall) from VIEScore's sub-scores on 0..10, as GEdit-Bench computes them (Step1X-Edit's
+    GEdit-Bench/viescore): SC = min(editing success, over-editing), PQ = min(naturalness, artifacts), overall =
+    sqrt(SC * PQ), their geometric mean."""
+    semantic, perceptual = min(sc), min(pq)
+    return semantic, perceptual, math.sqrt(semantic * perceptual)
