@@ -110,23 +110,24 @@ class SamplingConfig(StrictModel):
     sde: str = "flow_sde"
     noise_level: float = Field(0.7, ge=0)
     window: SdeWindow = Field(default_factory=SdeWindow)
-    guidance_scale: float = Field(1.0, ge=1)  # >1 turns on classifier-free guidance where the policy supports it
     eval_steps: int | None = Field(None, ge=1)  # ODE steps for evaluation/inference; None = steps
     # How a `cps` step is scored: the exact Gaussian log-density, or Flow-GRPO's CPS score -mean((x - mean)^2), which
     # drops 1/(2 std^2) (so its log-ratios are 2 std^2 times smaller): pick flow_grpo to reproduce FlowCPS training.
     cps_logprob: Literal["exact", "flow_grpo"] = "exact"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "guidance_scale" in v:
+            raise ValueError("guidance_scale: classifier-free guidance is the policy's (true CFG, a distilled guidance "
+                             "input, or none): set policy.options.guidance_scale")
+        return v
 
     @model_validator(mode="after")
     def _cps_logprob_needs_cps(self) -> "SamplingConfig":
         if self.cps_logprob != "exact" and self.sde != "cps":
             raise ValueError(f"cps_logprob={self.cps_logprob} scores cps steps only; set sampling.sde=cps or drop it")
         return self
-
-
-class NftOptions(StrictModel):
-    """DiffusionNFT's options (`grpo.loss: nft`, editrl.grpo.nft_loss)."""
-
-    beta: float = Field(1.0, gt=0)  # how far the implicit positive/negative velocities move from the old one
 
 
 class GrpoConfig(StrictModel):
@@ -142,18 +143,21 @@ class GrpoConfig(StrictModel):
     skip_tied_groups: bool = True
     async_rewards: bool = True
     share_encode: bool = True  # encode each request once for its group (False: once per sample, as flow_grpo)
+    # The objective (editrl.objectives): a built-in (ppo_clip, reinforce, nft), module:attr or an `editrl.losses` entry
+    # point; its own options, validated by it, in loss_options.
     loss: str = "ppo_clip"
-    nft: NftOptions = Field(default_factory=NftOptions)
+    loss_options: dict[str, Any] = Field(default_factory=dict)
     # Dynamic sampling: up to this many extra groups (new requests) per step replace groups whose rewards all tie.
     resample_tied: int = Field(0, ge=0)
     ratio_norm: bool = False  # GRPO-Guard: centre and rescale each step's log-ratio (editrl.grpo.guard_log_ratio)
     shuffle_advantages: bool = False  # control run: a seeded permutation of the trained advantages across the batch
 
-    @model_validator(mode="after")
-    def _ratio_norm_needs_a_ratio(self) -> "GrpoConfig":
-        if self.ratio_norm and self.loss == "nft":
-            raise ValueError("ratio_norm normalises a likelihood ratio, which loss=nft does not use; drop one")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "nft" in v:
+            raise ValueError("nft moved: an objective's options are grpo.loss_options (e.g. grpo.loss_options.beta=1.0)")
+        return v
 
 
 class EmaConfig(StrictModel):

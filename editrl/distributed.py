@@ -262,6 +262,9 @@ class DeepSpeedBackend(LocalBackend):
         import deepspeed
 
         super().prepare(policy)  # the AdamW and warm-up schedule one process uses; ZeRO steps it on its flat shards
+        if not callable(getattr(policy, "modules_for_training", None)):
+            raise RecipeError("distributed.backend=deepspeed: this policy has no modules_for_training(), the modules "
+                              "DeepSpeed shards (editrl.policy.OPTIONAL); train it with distributed.backend=none")
         self.module = _Trained(list(policy.modules_for_training()))
         owned = {id(p) for p in self.module.parameters()}
         if any(id(p) not in owned for p in self.params):

@@ -19,7 +19,7 @@ from typing import Any
 
 from editrl.base import RecipeError
 from editrl.config import Recipe, SftRecipe, parse_recipe, validate_model
-from editrl.registry import DATASETS, POLICIES, REWARDS, Registry, RegistryError, did_you_mean
+from editrl.registry import DATASETS, POLICIES, REWARDS, Registry, RegistryError
 
 DATA_VIDEOS = frozenset({"source", "target"})  # what a reward may need that only data holds (masks are optional)
 
@@ -52,10 +52,20 @@ def _lookup(registry: Registry[Any], name: str, where: str) -> Any:
         raise RecipeError(f"{where}: {e}") from None
 
 
-def _known(registry: Registry[Any], name: str, where: str, what: str) -> None:
-    if name not in registry.names():
-        known = registry.names()
-        raise RecipeError(f"{where}: unknown {what} {name!r}{did_you_mean(name, known)}; known: {', '.join(known)}")
+def _sde_kind(recipe: Recipe) -> None:
+    """`sampling.sde` names a transition that takes a test step: imported (built-in, module:attr, entry point) and run."""
+    import torch
+
+    from editrl.sde import SDE_KINDS, step
+
+    s = recipe.sampling
+    if not callable(_lookup(SDE_KINDS, s.sde, "sampling.sde")):
+        raise RecipeError(f"sampling.sde: {s.sde} is not a function (x, v, t, t_next, noise_level) -> (mean, std)")
+    x = torch.zeros(1, 2)
+    try:
+        step(s.sde, x, x, 0.5, 0.4, noise_level=s.noise_level)
+    except Exception as e:
+        raise RecipeError(f"sampling.sde: {s.sde} failed on a test step (sigma 0.5 -> 0.4): {type(e).__name__}: {e}") from None
 
 
 def options_model(obj: Any) -> Any:
@@ -65,13 +75,12 @@ def options_model(obj: Any) -> Any:
 
 def check(recipe: Recipe, check_paths: bool = True) -> None:
     """Plugin names exist and their options validate, the warm start is a valid SFT recipe, paths exist."""
-    from editrl.grpo import LOSSES
-    from editrl.sde import SDE_KINDS
+    from editrl.objectives import build_objective
 
     if "wandb" in recipe.run.loggers and importlib.util.find_spec("wandb") is None:
         raise RecipeError("run.loggers: wandb is not installed: pip install 'editrl[wandb]', or drop it")
-    _known(SDE_KINDS, recipe.sampling.sde, "sampling.sde", "sde kind")
-    _known(LOSSES, recipe.grpo.loss, "grpo.loss", "loss")
+    _sde_kind(recipe)
+    build_objective(recipe.grpo, recipe.sampling)
     policy_cls = _lookup(POLICIES, recipe.policy.name, "policy.name")
     if options_model(policy_cls) is not None:
         validate_model(policy_cls.Options, recipe.policy.options, "policy.options.")
