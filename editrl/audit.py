@@ -30,6 +30,7 @@ FOILS = ("source", "wrong_edit", "half_edit", "blurred", "noisy", "frozen")
 ORACLE = "oracle"
 ORACLE_PARTS = ("fidelity_ssim", "preservation_ssim", "temporal")
 COLUMNS = [*(f"vs_{f}" for f in FOILS), "spearman"]
+AUDIT_FILES = ("audit.md", "audit.csv", "audit_samples.csv", "audit.png")  # what write_audit writes
 
 
 def ranks(x: Tensor) -> Tensor:
@@ -122,8 +123,7 @@ def write_audit(reports: dict[str, EvalReport], out_dir: str | Path, title: str 
     audit_samples.csv (every sample and term) and audit.png (a heat map per term)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"markdown": out / "audit.md", "table": out / "audit.csv", "samples": out / "audit_samples.csv",
-             "plot": out / "audit.png"}
+    paths = {key: out / name for key, name in zip(("markdown", "table", "samples", "plot"), AUDIT_FILES)}
     tables = {t: r.table() for t, r in reports.items()}
     md = [f"# Reward audit{': ' + title if title else ''}\n",
           "How often each term scores the target above each foil (ties count half: 0.5 is chance), and its mean "
@@ -181,14 +181,17 @@ def audit_folder(recipe: str, data: str | Path, overrides: list[str] | None = No
     """What `editrl judge --audit` does: the recipe's rewards audited on a manifest folder with targets, the report
     written to `out` (default runs/audit/RUN_NAME)."""
     from editrl.base import RecipeError
-    from editrl.data.manifest import ManifestDataset
+    from editrl.data.manifest import ManifestDataset, manifest_inputs
     from editrl.evaluate import recipe_rewards
+    from editrl.files import check_output
     from editrl.preflight import load_recipe
 
     rec = load_recipe(recipe, overrides or [], check_paths=False)  # only its rewards are used
+    out = Path(out or Path("runs/audit") / rec.run.name)
+    check_output(out, [*manifest_inputs(data), Path(recipe)], folder=True, writes=AUDIT_FILES)
     rewards = recipe_rewards(rec)
     if rewards is None:
         raise RecipeError(f"recipe {recipe} has no rewards: add rewards.terms to audit")
     dataset = ManifestDataset(ManifestDataset.Options(path=str(data), max_frames=max_frames, allow_outside=allow_outside))
     reports = audit(dataset, rewards, batch_size, limit, progress=progress)
-    return reports, write_audit(reports, out or Path("runs/audit") / rec.run.name, title=f"{rec.run.name} on {data}")
+    return reports, write_audit(reports, out, title=f"{rec.run.name} on {data}")

@@ -8,15 +8,44 @@ line and exits 2. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import socket
+import types
+import typing
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+
+
+def _bool_for_number(value: Any, annotation: Any) -> bool:
+    """Whether `value` holds a boolean where `annotation` wants a number (`steps: true` would be read as 1)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _bool_for_number(value, args[0])
+    if origin in (typing.Union, types.UnionType):
+        if isinstance(value, bool):
+            return bool not in args and any(a in (int, float) for a in args)
+        return any(_bool_for_number(value, a) for a in args if typing.get_origin(a) in (list, tuple))
+    if isinstance(value, bool):
+        return annotation in (int, float)
+    if origin in (list, tuple) and isinstance(value, (list, tuple)) and args:
+        items = args[:1] * len(value) if origin is list or args[-1] is Ellipsis else args
+        return any(_bool_for_number(v, a) for v, a in zip(value, items))
+    return False
 
 
 class StrictModel(BaseModel):
     """Base for every options model: unknown keys are errors (a typo must never be silently ignored), and so are
-    NaN and infinite numbers (`optim.lr=.inf` would train nothing, silently)."""
+    NaN and infinite numbers (`optim.lr=.inf` would train nothing, silently) and booleans given for numbers
+    (`train.steps=true` would run one step)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and _bool_for_number(value, field.annotation):
+            raise ValueError("a number is expected here, not true/false")
+        return value
 
 
 class EditrlError(Exception):

@@ -8,7 +8,12 @@ replaced atomically after it, so a run killed at any instant leaves the previous
 
 `checksums.json` lists every other file's size and sha256. A file damaged later (a full disk, a copy cut short)
 is found before anything deserialises it: a run directory then yields its newest intact checkpoint, with one
-warning naming the damaged one. Checkpoints written before checksums existed are checked for presence only.
+warning naming the damaged one. A file that checksums.json does not list (a checkpoint written before checksums
+existed, or one whose list was lost) is checked by its format instead: the safetensors header against the file's
+size, the CRC of every member of `state.pt` (a zip), `state.json` and `recipe.yaml` parsed. `find_checkpoint` is the
+one way in: no library reads a checkpoint's file before it has passed.
+
+Checkpoints are ordered by their step, never by name (`step_1000000` sorts before `step_999999`).
 """
 
 from __future__ import annotations
@@ -17,24 +22,62 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+from safetensors import SafetensorError
 
-from editrl.base import CheckpointError
-from editrl.config import Recipe, dump_recipe
+from editrl.base import CheckpointError, RecipeError
+from editrl.config import Recipe, dump_recipe, read_yaml
 
 LATEST = "latest"
 CHECKSUMS = "checksums.json"
+FORMATS = ("state.pt", "state.json", "recipe.yaml")  # besides *.safetensors: the files editrl reads from a checkpoint
 
 logger = logging.getLogger(__name__)
 
 
 def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
+
+
+def checkpoint_steps(root: Path) -> list[Path]:
+    """The `step_N` checkpoint folders under `root`, oldest first by N."""
+    found = []
+    for path in root.glob("step_*") if root.is_dir() else []:
+        digits = path.name.removeprefix("step_")
+        if digits.isdigit() and path.is_dir():
+            found.append((int(digits), path))
+    return [path for _, path in sorted(found)]
+
+
+def clean_interrupted(root: Path) -> list[str]:
+    """What saves cut short by a crash left under `root` (any process's): half-written `.tmp-*` folders and `latest`
+    files are removed; a `.old-*` copy whose replacement never landed is put back. Call it only while holding the run's
+    lock (nobody else is saving). Returns what it did, one phrase each."""
+    done: list[str] = []
+    if not root.is_dir():
+        return done
+    for path in sorted(root.glob(".tmp-*")) + sorted(root.glob(f"{LATEST}.tmp-*")):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        done.append(f"removed {path.name}")
+    for path in sorted(root.glob(".old-*")):
+        name = path.name.removeprefix(".old-").rpartition("-")[0]
+        if name and not (root / name).exists():
+            os.replace(path, root / name)
+            done.append(f"restored {name}")
+        else:
+            shutil.rmtree(path)
+            done.append(f"removed {path.name}")
+    return done
 
 
 def save_checkpoint(
@@ -49,8 +92,12 @@ def save_checkpoint(
     """Write checkpoint `step` atomically, point `latest` at it, prune to the newest `keep`."""
     root = checkpoint_root(run_dir)
     final = write_checkpoint(root / f"step_{step:06d}", step, recipe, policy, info, training_state)
-    _write_atomic(root / LATEST, final.name)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+    try:
+        _write_atomic(root / LATEST, final.name)
+    except OSError as e:
+        raise _unwritable(final, e) from None
+    steps = checkpoint_steps(root)
+    for old in [p for p in steps if p != final][: max(0, len(steps) - keep)]:  # the oldest, never the one just saved
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -65,19 +112,36 @@ def write_checkpoint(
     tmp, old = (final.with_name(f".{mark}-{final.name}-{os.getpid()}") for mark in ("tmp", "old"))
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    policy.save_trainable(tmp)
-    dump_recipe(recipe, tmp / "recipe.yaml")
-    if training_state is not None:
-        torch.save({**training_state, "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=1))
-    write_checksums(tmp)
-    _fsync_dir(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        policy.save_trainable(tmp)
+        dump_recipe(recipe, tmp / "recipe.yaml")
+        if training_state is not None:
+            torch.save({**training_state, "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=1))
+        write_checksums(tmp)
+        _fsync_dir(tmp)
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch says "unexpected pos", safetensors "os error 28"
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _unwritable(final, e) from None
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _unwritable(final: Path, error: BaseException) -> CheckpointError:
+    """A checkpoint that could not be written: why, the disk's free space, and that the earlier ones are intact."""
+    try:
+        free = f"{shutil.disk_usage(final.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    cause = " ".join(str(error).split())[:200] or type(error).__name__
+    return CheckpointError(
+        f"cannot write checkpoint {final} ({cause}; {free}): the checkpoints saved before it are intact; free some "
+        "space, then continue with --resume"
+    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -99,21 +163,18 @@ def _sha256(path: Path) -> str:
 
 
 def checkpoint_problem(ckpt: Path) -> str | None:
-    """What is wrong with checkpoint `ckpt` as written (a file missing, cut short or altered), or None."""
+    """What is wrong with checkpoint `ckpt` as written (a file missing, cut short, altered or not what its name says),
+    or None. Files checksums.json lists are compared with it; the others that editrl reads, by their format."""
     for name in ("recipe.yaml", "state.json"):
         if not (ckpt / name).is_file():
             return f"{name} is missing"
-    if not (ckpt / CHECKSUMS).is_file():  # written before checksums: at least its step must read back
+    sums: dict[str, tuple[int, str]] = {}
+    if (ckpt / CHECKSUMS).is_file():
         try:
-            json.loads((ckpt / "state.json").read_text())["step"]
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError):
-            return "state.json is damaged"
-        return None
-    try:
-        listed = json.loads((ckpt / CHECKSUMS).read_text())
-        sums = {name: (int(want["bytes"]), str(want["sha256"])) for name, want in listed.items()}
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-        return f"{CHECKSUMS} is damaged"
+            listed = json.loads((ckpt / CHECKSUMS).read_text())
+            sums = {name: (int(want["bytes"]), str(want["sha256"])) for name, want in listed.items()}
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            return f"{CHECKSUMS} is damaged"
     for name, (size, digest) in sums.items():
         f = ckpt / name
         if not f.is_file():
@@ -122,6 +183,41 @@ def checkpoint_problem(ckpt: Path) -> str | None:
             return f"{name} has {f.stat().st_size} of its {size} bytes"
         if _sha256(f) != digest:
             return f"{name} does not match its checksum"
+    files = [f for f in sorted(ckpt.iterdir()) if f.is_file()]
+    if all(f.name in (*FORMATS, CHECKSUMS) for f in files):
+        return "it holds no weights"
+    for f in (f for f in files if f.name in FORMATS or f.suffix == ".safetensors"):
+        problem = None if f.name in sums else _format_problem(f)
+        if problem is not None:
+            return f"{f.name} {problem}"
+    return None
+
+
+def _format_problem(path: Path) -> str | None:
+    """Why a checkpoint file unlisted in checksums.json is not what its name says (cut short, altered), or None."""
+    size = path.stat().st_size
+    try:
+        if path.suffix == ".safetensors":  # an 8-byte header length, a JSON header, then the tensors' bytes
+            with open(path, "rb") as fh:
+                head = fh.read(8)
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+                header = json.loads(fh.read(n)) if 0 < n <= size - 8 else None
+            if not isinstance(header, dict):
+                return "is damaged (no safetensors header)"
+            ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+            if 8 + n + max(ends, default=0) != size:
+                return f"has {size} bytes where its header says {8 + n + max(ends, default=0)}"
+        elif path.name == "state.pt":
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()
+            if bad is not None:
+                return f"is damaged ({bad} fails its CRC)"
+        elif path.name == "state.json":
+            int(json.loads(path.read_text())["step"])
+        elif path.name == "recipe.yaml" and not isinstance(read_yaml(path), dict):
+            return "is damaged (not a recipe)"
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error, zipfile.BadZipFile, RecipeError):
+        return "is damaged"
     return None
 
 
@@ -143,9 +239,12 @@ def find_checkpoint(path: str | Path) -> Path:
         hint = f"; give the run directory {run} to use its newest intact checkpoint" if path.parent.name == "checkpoints" else ""
         raise CheckpointError(f"checkpoint {path} is damaged: {problem}{hint}")
     root = checkpoint_root(path)
-    steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True) if root.is_dir() else []
+    steps = checkpoint_steps(root)[::-1]
     latest = root / LATEST
-    named = root / latest.read_text().strip() if latest.is_file() else None
+    try:
+        named = root / latest.read_text().strip() if latest.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        named = None
     if named in steps:
         steps.insert(0, steps.pop(steps.index(named)))
     if not steps:
@@ -168,7 +267,20 @@ def load_training_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
     Only torch's RNG is global state worth restoring: every sampling seed is derived from (seed, step).
     """
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt} has no state.pt to resume from (a best or exported checkpoint holds weights "
+                              f"only): start a new run from it with policy.init_from={ckpt}") from None
+    except pickle.UnpicklingError:  # torch's message would suggest weights_only=False, which runs the file's code
+        raise CheckpointError(
+            f"{ckpt / 'state.pt'} holds Python objects besides tensors, which editrl never writes there: it was not "
+            "written by editrl or was altered, and loading it could run code, so it is not loaded; start a new run "
+            f"from this checkpoint's weights with policy.init_from={ckpt}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{ckpt / 'state.pt'} is damaged ({' '.join(str(e).split())[:120]}): restore it, or "
+                              f"start a new run from this checkpoint's weights with policy.init_from={ckpt}") from None
     info = json.loads((ckpt / "state.json").read_text())
     return state, info
 
@@ -207,8 +319,11 @@ def checkpoint_recipe(ckpt: Path) -> Recipe:
     from editrl.config import SftRecipe
     from editrl.preflight import load_recipe
 
-    tree = yaml.safe_load((ckpt / "recipe.yaml").read_text()) or {}
+    tree = read_yaml(ckpt / "recipe.yaml") or {}
     model = SftRecipe if isinstance(tree, dict) and "sft" in tree else Recipe
-    recipe = load_recipe(tree, check_paths=False, model=model)
+    try:
+        recipe = load_recipe(tree, check_paths=False, model=model)
+    except RecipeError as e:
+        raise RecipeError(f"{ckpt / 'recipe.yaml'}: {e}") from None
     recipe.policy.init_from = None  # the checkpoint holds everything that was loaded from it
     return recipe

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import inspect
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(stderr=True, soft_wrap=True)
@@ -23,15 +26,31 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def run_cli(fn: Callable[[], Any]) -> Any:
-    """Call `fn`; known user errors become one red line and exit code 2."""
+    """Call `fn`; known user errors become one red line and exit code 2. SIGTERM stops it as Ctrl-C does (one line,
+    exit 128 + the signal), and a plugin that calls sys.exit is an error, never a silent success."""
+    stopped = {"by": signal.SIGINT}
+
+    def terminate(signum: int, frame: Any) -> None:
+        stopped["by"] = signal.Signals(signum)
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if main else None
     try:
         return fn()
     except user_errors() as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: continue later with --resume")
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + stopped["by"]) from None
+    except SystemExit as e:  # typer's own exits are not SystemExit; this one comes from a plugin or a library
+        console.print(f"[red]error:[/red] something editrl ran called sys.exit({e.code!r}) instead of raising an "
+                      "error: the command did not finish", highlight=False)
+        raise typer.Exit(2) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def train(
@@ -60,17 +79,22 @@ def train(
       editrl train quickstart --resume train.steps=300            (a longer run: noted, not refused)
       editrl train viva_grpo --dry-run
     """
-    from editrl.base import TrainingError
-    from editrl.config import derive_layout
-    from editrl.harness import check_flags, resume_point
-    from editrl.preflight import check_reward_inputs, load_recipe
-
     def go() -> None:
+        from editrl.base import TrainingError
+        from editrl.config import derive_layout, parse_recipe
+        from editrl.files import check_flags, refuse_if_in_use
+
         started = time.perf_counter()
         check_flags(resume, overwrite, accept_changes)
         name, changes = recipe, overrides or []
         if "=" in name and not Path(name).exists():  # `editrl train train.steps=5`: overrides of the default recipe
             name, changes = DEFAULT_RECIPE, [name, *changes]
+        if not dry_run:  # said before torch and the plugins load (the run's own lock decides, in start_process)
+            refuse_if_in_use(parse_recipe(name, changes).output_dir)
+
+        from editrl.harness import resume_point
+        from editrl.preflight import check_reward_inputs, load_recipe
+
         rec = load_recipe(name, changes, check_paths=not dry_run)  # a dry run lists missing paths below
         check_reward_inputs(rec)
         if dry_run:

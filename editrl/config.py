@@ -6,11 +6,12 @@ one `RecipeError` line naming the key path (and a did-you-mean suggestion for mi
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import AliasChoices, Field, ValidationError, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 
 from editrl.base import RecipeError, StrictModel
 from editrl.registry import did_you_mean
@@ -34,7 +35,7 @@ class WandbOptions(StrictModel):
 
 class RunConfig(StrictModel):
     name: str = "run"
-    output_dir: str = "runs/${run.name}"
+    output_dir: str = Field("runs/${run.name}", min_length=1)
     seed: int = 0
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -42,6 +43,22 @@ class RunConfig(StrictModel):
     # Where every metric goes besides metrics.jsonl (which is always written).
     loggers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
     wandb: WandbOptions = Field(default_factory=WandbOptions)
+    # Packages whose code the recipe may name as `module:attr` (besides editrl's own and installed entry points).
+    plugins: list[str] = Field(default_factory=list)
+
+    @field_validator("plugins")
+    @classmethod
+    def _packages(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not all(part.isidentifier() for part in name.split(".")):
+                raise ValueError(f"{name!r} is not a package name (e.g. my_rewards)")
+            top = name.split(".")[0]
+            if top == "editrl":
+                raise ValueError(f"{name!r} need not be listed: editrl's own code is always allowed")
+            if top in sys.stdlib_module_names:
+                raise ValueError(f"{name!r} is Python's standard library, not a plugin package: a recipe may not name "
+                                 "code from it")
+        return names
 
 
 class PolicyConfig(StrictModel):
@@ -78,6 +95,8 @@ class RewardTerm(StrictModel):
 class RewardsConfig(StrictModel):
     aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
     on_failure: Literal["skip", "fail"] = "skip"  # invalid scores: exclude the samples, or stop the run
+    # Seconds one reward may take to score one batch; a late reward scores nothing for it (on_failure decides).
+    timeout_s: float | None = Field(600.0, gt=0)
     terms: list[RewardTerm] = Field(default_factory=list)
 
     def weights(self) -> dict[str, float]:
@@ -299,16 +318,67 @@ def derive_layout(recipe: Recipe, world_size: int = 1) -> Layout:
 # ---------------------------------------------------------------- loading, overrides, errors
 
 
+class StrictLoader(yaml.SafeLoader):
+    """YAML as recipes need it: a key given twice in one mapping (`train: {steps: 30, steps: 2}`, or a section twice)
+    is an error naming both lines, never a silent "the last one wins"."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden key by key
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice (first on line {seen[key]})", key_node.start_mark
+                    )
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text read with `StrictLoader`; a RecipeError of one line (`where:LINE: problem`) when it is not valid."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{where}{line}: not valid YAML: {' '.join(str(e.problem or e.context).split())}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{where}: not valid YAML: {' '.join(str(e).split())}") from None
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file read strictly (`parse_yaml`): a file that cannot be read, or is not UTF-8 text, is one line too."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read it ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not a text file (byte {e.start} is not UTF-8): a recipe is YAML text") from None
+    return parse_yaml(text, str(path))
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML, so `3`, `1e-4`, `[a, b]`, `null` work)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise RecipeError(f"override {text!r} is not of the form section.field=value")
+    path = key.strip().split(".")
+    if not all(p.strip() for p in path):
+        raise RecipeError(f"override {text!r}: {key.strip()!r} has an empty part; write section.field=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=StrictLoader) if raw.strip() else ""
+    except yaml.constructor.ConstructorError as e:  # a key given twice inside the value
+        raise RecipeError(f"override {text!r}: {e.problem}") from None
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    return path, value
 
 
 def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -320,6 +390,9 @@ def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
         if node.get(part) is None:
             node[part] = {}
         node = node[part]
+        if not isinstance(node, (dict, list)):
+            where = ".".join(path[: i + 1])
+            raise RecipeError(f"{'.'.join(path)}: {where} is {node!r}, which has no field {path[i + 1]!r}")
     last = path[-1]
     if isinstance(node, list):
         node[_list_index(node, last, path)] = value
@@ -398,10 +471,7 @@ def parse_recipe(
         tree = source
     else:
         path = resolve_recipe_path(source)
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        tree = read_yaml(path) or {}
         if not isinstance(tree, dict):
             raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(tree).__name__}")
     for item in overrides:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from editrl.base import RecipeError, free_port
+from editrl.files import unique_keys
 from editrl.config import OptimConfig
 
 ZERO_DIR = "zero"  # <run>/checkpoints/zero/<step tag>/: DeepSpeed's own per-rank optimiser shards
@@ -199,8 +200,8 @@ def deepspeed_config(recipe: Any) -> dict[str, Any]:
         if not path.is_file():
             raise FileNotFoundError(f"distributed.config: {path} does not exist")
         try:
-            user = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            user = json.loads(path.read_text(), object_pairs_hook=unique_keys)
+        except ValueError as e:  # not JSON, a key given twice, or bytes that are not text
             raise RecipeError(f"distributed.config: {path} is not valid JSON: {e}") from None
         if not isinstance(user, dict):
             raise RecipeError(f"distributed.config: {path} must hold a JSON object")

@@ -44,6 +44,7 @@ OVERALL = "overall"
 UNCATEGORISED = "uncategorised"
 YARDSTICKS = ("copy", "ceiling")  # the source returned unedited; the target through the policy's autoencoder
 GAP_COLUMNS = ("fidelity_psnr", "fidelity_ssim")  # where copying fails the edit and the ceiling bounds the editor
+EVAL_FILES = ("results.md", "results.csv", "samples.csv", "grid.png")  # what `evaluate` writes to its out_dir
 
 
 @dataclass
@@ -105,7 +106,7 @@ class EvalReport:
         """results.md (the table), results.csv (the table) and samples.csv (every sample)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        paths = {"markdown": out / "results.md", "table": out / "results.csv", "samples": out / "samples.csv"}
+        paths = {key: out / name for key, name in zip(("markdown", "table", "samples"), EVAL_FILES)}
         paths["markdown"].write_text(self.to_markdown())
         write_csv(paths["table"], ["category", "n", *self.columns, *self.yardstick_columns], self.table())
         write_csv(paths["samples"], ["id", "category", *self.columns], self.rows)
@@ -251,7 +252,7 @@ def evaluate(
     if out_dir is not None:
         report.write(out_dir)
         if picks:
-            save_grid(Path(out_dir) / "grid.png", [(s, [e]) for s, e in picks], grid_frames)
+            save_grid(Path(out_dir) / EVAL_FILES[3], [(s, [e]) for s, e in picks], grid_frames)
     return report
 
 
@@ -360,4 +361,4 @@ def recipe_rewards(recipe: Any) -> Any:
     terms = getattr(getattr(recipe, "rewards", None), "terms", None)
     if not terms:
         return None
-    return RewardSet([(t.key, t.weight, build_reward(t.name, t.options)) for t in terms])
+    return RewardSet([(t.key, t.weight, build_reward(t.name, t.options)) for t in terms], recipe.rewards.timeout_s)

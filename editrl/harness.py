@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 import torch
-import yaml
 from rich.markup import escape
 
-from editrl.base import RecipeError, TrainingError
-from editrl.checkpoint import find_checkpoint, load_training_state, policy_from_recipe, save_checkpoint
-from editrl.config import Recipe, dump_recipe
+from editrl.base import CheckpointError, RecipeError, TrainingError
+from editrl.checkpoint import (checkpoint_steps, clean_interrupted, find_checkpoint, load_training_state,
+                               policy_from_recipe, save_checkpoint)
+from editrl.config import Recipe, dump_recipe, read_yaml
 from editrl.data.base import EditDataset, build_dataset
 from editrl.distributed import make_backend
+from editrl.files import RunLock, check_flags, check_output, disk_full
 from editrl.monitor import WANDB_ID, Bar, RunLogger, announce, console, progress
 from editrl.preflight import device_problems
 from editrl.sentinel import Sentinel, save_best
@@ -106,40 +107,81 @@ class Timer:
             self.totals[name] += time.perf_counter() - t0
 
 
-def check_flags(resume: bool, overwrite: bool, accept_changes: bool = False) -> None:
-    """Refuses flags that contradict each other, before anything is read or written."""
-    if resume and overwrite:
-        raise TrainingError("--resume continues the run and --overwrite starts it over: pass one of them")
-    if accept_changes and not resume:
-        raise TrainingError("--accept-changes lets --resume continue with a changed recipe: use it with --resume")
-
-
-def start_process(recipe: Recipe, seed: int, resume: bool, overwrite: bool = False) -> Path:
+def start_process(recipe: Recipe, backend: Any, resume: bool, overwrite: bool = False) -> RunLock | None:
     """What every loop does first, before any model is built: refuse contradictory flags, a device this machine does not
-    have and mixing into an occupied run directory; set threads and torch's seed."""
+    have, a run directory another process writes in (its lock is taken here: the main rank's, returned) or that holds
+    a run or an input this one would replace; tidy what an interrupted save left; set threads."""
     run_dir = recipe.output_dir
     check_flags(resume, overwrite)
     problems = device_problems(recipe)
     if problems:
         raise RecipeError(problems[0])
-    if not resume and not overwrite and any((run_dir / "checkpoints").glob("step_*")):
+    lock, busy = RunLock(run_dir) if backend.is_main else None, ""
+    if lock is not None:
+        try:
+            lock.acquire()
+        except TrainingError as e:
+            busy = str(e)
+    if backend.mean({"busy": float(bool(busy))})["busy"]:  # every rank stops, not only the one that knows why
+        raise TrainingError(busy or f"{run_dir} is in use by another process")
+    try:
+        if not resume:
+            check_fresh(recipe, overwrite)
+        if lock is not None:
+            lock.sign()
+            for done in clean_interrupted(run_dir / "checkpoints"):
+                console.print(f"[yellow]note[/]: {escape(done)}, left by a save that was cut short", highlight=False)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    if recipe.run.threads:
+        torch.set_num_threads(recipe.run.threads)
+    return lock
+
+
+def check_fresh(recipe: Recipe, overwrite: bool) -> None:
+    """A new run replaces RUN_OUTPUTS in its directory: only an earlier run's (never one's checkpoints unless
+    `overwrite`), and never an input of this run or a folder of the user's own that happens to hold such names."""
+    run_dir = recipe.output_dir
+    if not overwrite and checkpoint_steps(run_dir / "checkpoints"):
         raise TrainingError(
             f"{run_dir} already holds checkpoints: continue it with --resume, or choose another run.name / "
             "run.output_dir (`editrl train` can also start over with --overwrite)"
         )
-    if recipe.run.threads:
-        torch.set_num_threads(recipe.run.threads)
-    torch.manual_seed(seed)
-    return run_dir
+    check_output(run_dir, run_inputs(recipe), "run.output_dir", folder=True, writes=RUN_OUTPUTS)
+    foreign = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if foreign and not any((run_dir / sign).exists() for sign in RUN_SIGNS):
+        raise TrainingError(
+            f"run.output_dir {run_dir} is not a run directory but holds {', '.join(foreign)}, which a new run would "
+            "replace: choose a new folder"
+        )
+
+
+def run_inputs(recipe: Recipe) -> list[Path]:
+    """What a fresh run reads that its outputs must not replace: the `init_from` checkpoint and manifest data."""
+    inputs = [Path(src.options["path"]) for src in (recipe.data.train, recipe.data.eval)
+              if src is not None and src.kind == "manifest" and isinstance(src.options.get("path"), str)]
+    init = recipe.policy.init_from
+    if init is not None and Path(init).exists():
+        inputs.append(Path(init))
+        try:
+            inputs.append(find_checkpoint(init))
+        except (FileNotFoundError, CheckpointError):
+            pass
+    return inputs
 
 
 # Outputs of a run, removed when a fresh run starts writing in its directory (so nothing of the old one mixes in).
 RUN_OUTPUTS = ("checkpoints", "tensorboard", "wandb", WANDB_ID, "samples", "eval", "metrics.jsonl", "recipe.yaml",
                "sentinel.log", "before_after.png")
+# What only a run directory holds: a fresh run replaces RUN_OUTPUTS only in a folder that has one of these.
+RUN_SIGNS = ("metrics.jsonl", "checkpoints", "tensorboard")
 # Recipe keys a resumed run may change (with a note): when and what it logs and saves, how long it runs, where.
-RESUME_SAFE = ("run.name", "run.output_dir", "run.threads", "run.loggers", "run.wandb", "train.steps", "train.log_every",
-               "train.save_every", "train.eval_every", "train.sample_every", "train.keep_checkpoints", "train.progress",
-               "train.sentinel", "grpo.async_rewards", "distributed.rollout_gather")
+RESUME_SAFE = ("run.name", "run.output_dir", "run.threads", "run.loggers", "run.wandb", "run.plugins", "rewards.timeout_s",
+               "train.steps", "train.log_every", "train.save_every", "train.eval_every", "train.sample_every",
+               "train.keep_checkpoints", "train.progress", "train.sentinel", "grpo.async_rewards",
+               "distributed.rollout_gather")
 # Keys the checkpoint itself fixes (the model, its adapter, the optimiser's state): never changed by a resume.
 RESUME_FIXED = ("policy.name", "policy.options", "optim.lora", "optim.lr", "optim.betas", "optim.eps",
                 "optim.weight_decay", "optim.ema.enabled", "distributed.backend", "distributed.zero_stage")
@@ -176,7 +218,7 @@ def resume_point(recipe: Recipe, accept_changes: bool, shown: bool = True) -> Pa
         ckpt = find_checkpoint(run_dir)
     except FileNotFoundError:
         raise TrainingError(f"--resume: no checkpoint in {run_dir} to resume from (start it without --resume)") from None
-    saved = flat_keys(yaml.safe_load((ckpt / "recipe.yaml").read_text()) or {})
+    saved = flat_keys(read_yaml(ckpt / "recipe.yaml") or {})
     now = flat_keys(recipe.model_dump(mode="json"))
     changed = {k: f"{json.dumps(saved.get(k))} -> {json.dumps(now.get(k))}"
                for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)}
@@ -204,6 +246,9 @@ def resume_point(recipe: Recipe, accept_changes: bool, shown: bool = True) -> Pa
         raise TrainingError(f"--resume: {ckpt} is at step {step}, past train.steps={recipe.train.steps}: raise train.steps")
     if changed and shown:
         console.print(f"[yellow]note[/]: resuming with changes: {escape(listed(list(changed)))}", highlight=False)
+    if step == recipe.train.steps and shown:
+        console.print(f"[yellow]note[/]: {escape(str(ckpt))} is the last step, {step}: nothing is left to train "
+                      "(raise train.steps to go on)", highlight=False)
     return ckpt
 
 
@@ -225,7 +270,21 @@ class Harness:
     ) -> None:
         self.recipe = recipe
         self.backend = backend or make_backend(recipe)
-        self.run_dir = start_process(recipe, self.seed(), resume, overwrite)
+        self.run_dir = recipe.output_dir
+        self.lock = start_process(recipe, self.backend, resume, overwrite)
+        try:
+            self._build(resume, accept_changes)
+            self.logger = RunLogger(
+                self.run_dir, enabled=self.backend.is_main, start_step=self.step, log_every=recipe.train.log_every,
+                label=self.label, total=recipe.train.steps, headline=self.headline, recipe=recipe.model_dump(mode="json"),
+            )
+        except BaseException:
+            self.release()
+            raise
+
+    def _build(self, resume: bool, accept_changes: bool) -> None:
+        recipe = self.recipe
+        torch.manual_seed(self.seed())
         self.resume_from = resume_point(recipe, accept_changes, self.backend.is_main) if resume else None
         self.device = torch.device(recipe.run.device)
         self.policy = policy_from_recipe(recipe, init_from=False)
@@ -252,10 +311,6 @@ class Harness:
         elif self.backend.is_main:  # the run starts writing only now that all of it is built
             clear_outputs(self.run_dir)
             dump_recipe(recipe, self.run_dir / "recipe.yaml")
-        self.logger = RunLogger(
-            self.run_dir, enabled=self.backend.is_main, start_step=self.step, log_every=recipe.train.log_every,
-            label=self.label, total=recipe.train.steps, headline=self.headline, recipe=recipe.model_dump(mode="json"),
-        )
 
     # ------------------------------------------------------------------ what a loop adds
 
@@ -286,6 +341,11 @@ class Harness:
 
     def close(self) -> None:
         """Releases what `build` started; runs however the loop ends."""
+
+    def release(self) -> None:
+        """Lets another process write in the run directory (the end of `fit`, or a run that failed to build)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def finish(self) -> None:
         """Runs after the last step (a before/after table)."""
@@ -341,27 +401,39 @@ class Harness:
                 at = ", ".join(map(str, evals)) if len(evals) <= 5 else f"{evals[0]} to {t.steps}, every {t.eval_every}"
                 announce(self.eval_phase, f"{len(self.eval_data)} clips at steps {at}")  # type: ignore[arg-type]
         try:
-            with progress(self.label, t.steps, self.step, enabled=main and t.progress) as bar:
-                held_out = bar.add("held-out evaluation", len(evals)) if evals and self.eval_phase else None
-                if 0 in evals:
-                    self.logger.log(0, self._evaluate(held_out))
-                while self.step < t.steps and not self.stopping:
-                    metrics = self.train_step()
-                    if self.sentinel is not None:
-                        self.sentinel.record(metrics)
-                    if self.step in evals:
-                        metrics.update(self._evaluate(held_out))
-                    self.logger.log(self.step, metrics)
-                    self.after_step(metrics)
-                    if self.step % t.save_every == 0 or self.step == t.steps or self.stopping:
-                        self.save()
-                    bar.update(self.step, self.progress_note(metrics))
+            try:
+                self._loop(evals)
+            except OSError as e:
+                if not disk_full(e):
+                    raise
+                raise TrainingError(f"the disk is full writing to {self.run_dir} ({e.strerror}): the checkpoints saved "
+                                    "before are intact; free some space, then continue with --resume") from None
+            finally:
+                self.close()
+                self.loader.close()
+                self.logger.close()
+            self.finish()
         finally:
-            self.close()
-            self.loader.close()
-            self.logger.close()
-        self.finish()
+            self.release()
         return self.run_dir
+
+    def _loop(self, evals: list[int]) -> None:
+        t, main = self.recipe.train, self.backend.is_main
+        with progress(self.label, t.steps, self.step, enabled=main and t.progress) as bar:
+            held_out = bar.add("held-out evaluation", len(evals)) if evals and self.eval_phase else None
+            if 0 in evals:
+                self.logger.log(0, self._evaluate(held_out))
+            while self.step < t.steps and not self.stopping:
+                metrics = self.train_step()
+                if self.sentinel is not None:
+                    self.sentinel.record(metrics)
+                if self.step in evals:
+                    metrics.update(self._evaluate(held_out))
+                self.logger.log(self.step, metrics)
+                self.after_step(metrics)
+                if self.step % t.save_every == 0 or self.step == t.steps or self.stopping:
+                    self.save()
+                bar.update(self.step, self.progress_note(metrics))
 
     def _evaluate(self, row: Bar | None) -> dict[str, float]:
         out = self.backend.mean(self.evaluate())  # identical on every rank, so is what the sentinel decides

@@ -6,7 +6,6 @@ models load inside the commands.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -19,25 +18,6 @@ def video_fps(path: Path, default: float = 8.0) -> float:
     with av.open(str(path)) as container:
         rate = container.streams.video[0].average_rate
     return float(rate) if rate else default
-
-
-def check_output(out: Path, inputs: list[Path]) -> None:
-    """Refuses, before any work, an output that would overwrite an input or cannot be written."""
-    from editrl.base import DataError
-
-    if out.suffix.lower() != ".mp4":
-        raise DataError(f"--out {out}: the edit is written as an mp4; give a path ending in .mp4")
-    for path in inputs:
-        same = os.path.normpath(out.absolute()) == os.path.normpath(path.absolute())
-        if same or (out.exists() and path.exists() and os.path.samefile(out, path)):
-            raise DataError(f"--out {out} is the input {path}: choose another path (the input would be overwritten)")
-    if out.is_dir():
-        raise DataError(f"--out {out} is a folder: give a file path ending in .mp4")
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise DataError(f"--out {out}: cannot write there ({parent} is not a writable folder); choose another path")
 
 
 def training_size(recipe: Any) -> tuple[int, int] | None:
@@ -111,15 +91,20 @@ def run_edit(
     The output path is checked first; a video larger than the training size is scaled down unless `keep_size`."""
     import torch
 
-    from editrl.base import CheckpointError
+    from editrl.base import CheckpointError, DataError
     from editrl.checkpoint import load_checkpoint
     from editrl.data.video import probe_video, read_image, read_video, write_video
+    from editrl.files import check_output
     from editrl.monitor import progress
+    from editrl.preflight import check_device
     from editrl.rollout import sample_ode
     from editrl.types import EditSample
 
     video, out = Path(video), Path(out)
-    check_output(out, [video, *([Path(reference)] if reference is not None else [])])
+    if not instruction.strip():
+        raise DataError("--instruction is empty: say what to change (e.g. --instruction \"make the car red\")")
+    check_device(device, "--device")
+    check_output(out, [video, *([Path(reference)] if reference is not None else [])], suffix=".mp4")
     _, *size = probe_video(video)  # a missing or unreadable video fails here, before the checkpoint loads
     ref = read_image(reference) if reference is not None else None
     policy, recipe = load_checkpoint(checkpoint, device)
@@ -209,9 +194,14 @@ def sft(
     from editrl.commands import console, run_cli
 
     def go() -> None:
+        from editrl.config import SftRecipe, parse_recipe
+        from editrl.files import refuse_if_in_use
+
+        refuse_if_in_use(parse_recipe(recipe, overrides or [], SftRecipe).output_dir)  # before the models load
+
         from editrl.monitor import LIBRARY_LOG, library_log
-        from editrl.sft import SftTrainer
         from editrl.preflight import load_sft_recipe
+        from editrl.sft import SftTrainer
 
         rec = load_sft_recipe(recipe, overrides or [])
         with library_log(rec.output_dir / LIBRARY_LOG):

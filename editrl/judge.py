@@ -25,18 +25,23 @@ def score_folder(
     max_frames: int | None = None,
     progress: bool = True,
     allow_outside: bool = False,
+    out: Path | None = None,
 ) -> tuple[list[str], list[dict[str, Any]]]:
-    """(reward names, one row per scored edit: id, instruction, {name: score or None}, {name: error})."""
+    """(reward names, one row per scored edit: id, instruction, {name: score or None}, {name: error}). `out`, where
+    the caller will write the scores, is checked first: it may not be an input."""
     import torch
     from rich.progress import Progress
 
     from editrl.base import DataError, RecipeError
-    from editrl.preflight import load_recipe
-    from editrl.data.manifest import load_manifest, load_sample
+    from editrl.data.manifest import load_manifest, load_sample, manifest_inputs
     from editrl.evaluate import recipe_rewards
+    from editrl.files import check_output
+    from editrl.preflight import load_recipe
     from editrl.reward import reward_batch
 
     recipe = load_recipe(recipe_path, overrides or [])
+    if out is not None:
+        check_output(out, [*manifest_inputs(data), Path(recipe_path)])
     entries = [e for e in load_manifest(data, on_error="fail", allow_outside=allow_outside) if e.row.edited is not None]
     if not entries:
         raise DataError(f"no row of {data} names an `edited` video to score")
@@ -75,6 +80,16 @@ def score_folder(
     order = {e.row.id: i for i, e in enumerate(entries)}
     rows.sort(key=lambda r: order[r["id"]])
     return rewards.names, rows
+
+
+def unscored(names: list[str], rows: list[dict[str, Any]]) -> str | None:
+    """Why the scores cannot be used (a reward that failed on every edit: its first error), or None. A reward that
+    does not apply to a row (no error) is not a failure."""
+    for n in names:
+        errors = [r["errors"][n] for r in rows if r["scores"][n] is None]
+        if rows and len(errors) == len(rows) and any(e != "no score" for e in errors):
+            return f"reward {n!r} scored none of the {len(rows)} edits (first: {next(e for e in errors if e != 'no score')})"
+    return None
 
 
 def render_table(names: list[str], rows: list[dict[str, Any]]) -> Any:
@@ -125,11 +140,12 @@ def judge(
     """
     from rich.console import Console
 
+    from editrl.base import EditrlError
     from editrl.commands import console, run_cli
 
     def go() -> None:
         if (data is None) == (audit_data is None):
-            raise typer.BadParameter("give --data (score a folder of edits) or --audit (audit the rewards), one of them")
+            raise EditrlError("give --data (score a folder of edits) or --audit (audit the rewards), one of them")
         if audit_data is not None:
             from editrl.audit import audit_folder, summary
 
@@ -139,12 +155,15 @@ def judge(
             console.print(f"[green]wrote[/green] {', '.join(str(p) for p in paths.values())}")
             return
         # run_cli turns an EditrlError (a judge server down, a bad row) into one line
-        names, rows = score_folder(recipe, data, overrides, batch_size, max_frames, allow_outside=allow_outside)
+        names, rows = score_folder(recipe, data, overrides, batch_size, max_frames, allow_outside=allow_outside, out=out)
         Console().print(render_table(names, rows))
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text("".join(json.dumps(r) + "\n" for r in rows))
             console.print(f"[green]wrote[/green] {out}")
+        failed = unscored(names, rows)
+        if failed:
+            raise EditrlError(f"{failed}: the scores above are not usable")
 
     run_cli(go)
 

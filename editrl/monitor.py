@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from editrl.base import RecipeError
+from editrl.base import RecipeError, TrainingError
 
 if TYPE_CHECKING:
     import torch
@@ -242,9 +242,35 @@ def quiet_libraries() -> Iterator[None]:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Rows of a metrics.jsonl (one JSON object per optimisation step)."""
+    return metric_rows(path)[0]
+
+
+def metric_rows(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """(rows of a metrics.jsonl, whether its last line was a partial row and was left out).
+
+    A crash while a row is written leaves the last line cut short: that row is dropped (its step is re-run on
+    resume). Any other line that is not a row with a step is damage, a TrainingError naming the line."""
     if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [], False
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TrainingError(f"{path} cannot be read ({e}): move it away to start its metrics afresh") from None
+    rows, partial = [], False
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a row with a step")
+        except ValueError as e:
+            if number == len(lines):  # no newline after it: cut short while it was written
+                partial = True
+                continue
+            raise TrainingError(f"{path}:{number}: damaged metrics row ({e}): delete that line, or move the file away") from None
+        rows.append(row)
+    return rows, partial
 
 
 # The numbers an Edit-GRPO run's periodic lines show: {metric: format}.
@@ -283,7 +309,11 @@ class RunLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         # On resume, drop rows past the checkpoint so the file matches an uninterrupted run.
-        rows = [r for r in read_metrics(self.metrics_path) if r["step"] <= start_step]
+        rows, partial = metric_rows(self.metrics_path)
+        if partial:
+            console.print(f"[yellow]note[/]: {escape(str(self.metrics_path))} ended in a row cut short (the run stopped "
+                          "while writing it): dropped it", highlight=False)
+        rows = [r for r in rows if r["step"] <= start_step]
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self._file = self.metrics_path.open("a")
         run = (recipe or {}).get("run", {})

@@ -14,6 +14,8 @@ score without source or target videos (its `required` fields, else its `needs`) 
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +37,21 @@ def load_recipe(
     `check_paths=False` skips data and init paths (a checkpoint's recipe, read back only to rebuild the policy).
     """
     recipe = parse_recipe(source, overrides, model)
+    trust_typed(recipe, overrides)
     check(recipe, check_paths)
     return recipe
+
+
+def trust_typed(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> None:
+    """A `module:attr` the user typed on the command line is their own decision, as running a script is: its module
+    joins `run.plugins`, so the run's recipe.yaml (and a checkpoint's) says where its code comes from. Recipe files and
+    checkpoints still name only what their `run.plugins` lists; the standard library stays refused."""
+    typed = "\n".join(overrides)
+    for _, name in plugin_names(recipe):
+        module = name.partition(":")[0]
+        top = module.split(".")[0]
+        if ":" in name and name in typed and module not in recipe.run.plugins and top != "editrl" and top not in sys.stdlib_module_names:
+            recipe.run.plugins.append(module)
 
 
 def load_sft_recipe(
@@ -73,15 +88,56 @@ def options_model(obj: Any) -> Any:
     return getattr(obj, "Options", None)
 
 
+def plugin_names(recipe: Recipe) -> list[tuple[str, str]]:
+    """(recipe key, name) of every plugin a recipe names: its policy, dataset kinds, generators, loss, SDE kind, rewards."""
+    names = [("policy.name", recipe.policy.name)]
+    for split in ("train", "eval"):
+        src = getattr(recipe.data, split)
+        if src is not None:
+            names.append((f"data.{split}.kind", src.kind))
+            if src.kind == "synthetic" and isinstance(src.options.get("generator"), str):
+                names.append((f"data.{split}.options.generator", src.options["generator"]))
+    names += [("grpo.loss", recipe.grpo.loss), ("sampling.sde", recipe.sampling.sde)]
+    return names + [(f"rewards.terms.{i}.name", t.name) for i, t in enumerate(recipe.rewards.terms)]
+
+
+def check_source(name: str, where: str, plugins: list[str]) -> None:
+    """A `module:attr` name in a recipe is code the recipe calls with arguments it chooses: it must come from editrl or
+    a package listed in `run.plugins`, never from Python's standard library (`subprocess:Popen` would run a command).
+    Checked before anything is imported. Names registered by entry points are installed packages: always allowed."""
+    if ":" not in name:
+        return
+    module = name.partition(":")[0]
+    top = module.split(".")[0]
+    if top == "editrl" or any(module == p or module.startswith(p + ".") for p in plugins):
+        return
+    if top in sys.stdlib_module_names:
+        raise RecipeError(f"{where}: {name!r} is Python's standard library, which a recipe may not call: name a "
+                          "policy, dataset or reward plugin")
+    raise RecipeError(f"{where}: {name!r} is code from {module!r}, which run.plugins does not list: add it "
+                      f"(run.plugins=[{module}]) if you trust that package")
+
+
+def _callable(obj: Any, name: str, where: str, what: str) -> None:
+    """A plugin must be a class or a function; a reward class's instances must be callable too."""
+    if not callable(obj):
+        raise RecipeError(f"{where}: {name!r} is a {type(obj).__name__}, not a {what} class or function")
+    if what == "reward" and inspect.isclass(obj) and not any("__call__" in vars(k) for k in obj.__mro__[:-1]):
+        raise RecipeError(f"{where}: {name!r} is a class whose instances cannot be called: define __call__(batch)")
+
+
 def check(recipe: Recipe, check_paths: bool = True) -> None:
-    """Plugin names exist and their options validate, the warm start is a valid SFT recipe, paths exist."""
+    """Plugin names are allowed and exist, their options validate, the warm start is a valid SFT recipe, paths exist."""
     from editrl.objectives import build_objective
 
     if "wandb" in recipe.run.loggers and importlib.util.find_spec("wandb") is None:
         raise RecipeError("run.loggers: wandb is not installed: pip install 'editrl[wandb]', or drop it")
+    for where, name in plugin_names(recipe):
+        check_source(name, where, recipe.run.plugins)
     _sde_kind(recipe)
     build_objective(recipe.grpo, recipe.sampling)
     policy_cls = _lookup(POLICIES, recipe.policy.name, "policy.name")
+    _callable(policy_cls, recipe.policy.name, "policy.name", "policy")
     if options_model(policy_cls) is not None:
         validate_model(policy_cls.Options, recipe.policy.options, "policy.options.")
     d = recipe.distributed
@@ -105,6 +161,7 @@ def check(recipe: Recipe, check_paths: bool = True) -> None:
         if src is None:
             continue
         cls = _lookup(DATASETS, src.kind, f"data.{split}.kind")
+        _callable(cls, src.kind, f"data.{split}.kind", "dataset")
         if options_model(cls) is not None:
             validate_model(cls.Options, src.options, f"data.{split}.options.")
     missing = _data(recipe, "") if check_paths else []
@@ -117,7 +174,9 @@ def check(recipe: Recipe, check_paths: bool = True) -> None:
     if dup:
         raise RecipeError(f"rewards: {dup!r} appears twice; give one of them a `label`")
     for i, term in enumerate(recipe.rewards.terms):
-        opts = options_model(_lookup(REWARDS, term.name, f"rewards.terms.{i}.name"))
+        reward = _lookup(REWARDS, term.name, f"rewards.terms.{i}.name")
+        _callable(reward, term.name, f"rewards.terms.{i}.name", "reward")
+        opts = options_model(reward)
         if opts is not None:
             validate_model(opts, term.options, f"rewards.terms.{i}.options.")
 
@@ -172,26 +231,46 @@ def _data(recipe: Recipe, prefix: str) -> list[str]:
 
 
 def device_problems(recipe: Recipe) -> list[str]:
-    """`run.device` names a device this machine has (else a run would die at its first tensor); checked where a run
-    starts and by `--dry-run`, not by commands that only read a recipe's rewards."""
+    """`run.device` names a device this machine has (else a run would die at its first tensor) and `run.threads` no
+    more threads than it has cores; checked where a run starts and by `--dry-run`, not by commands that only read a
+    recipe's rewards."""
+    import os
+
+    problems = [p for p in [device_problem(recipe.run.device)] if p]
+    cores, threads = os.cpu_count() or 1, recipe.run.threads
+    if threads is not None and threads > cores:
+        problems.append(f"run.threads: {threads}, but this machine has {cores} CPU cores: use at most {cores}, or null "
+                        "for torch's default")
+    return problems
+
+
+def device_problem(name: str, key: str = "run.device") -> str | None:
+    """Why the device `name` (given as `key`) cannot be used on this machine, or None."""
     import torch
 
-    name = recipe.run.device
+    use = f"{key}={{}}" if "." in key else f"{key} {{}}"
     try:
         device = torch.device(name)
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda", "mps"):
-        return [f"run.device: {name!r} is not a device editrl runs on: use cpu, cuda, cuda:N or mps"]
+        return f"{key}: {name!r} is not a device editrl runs on: use cpu, cuda, cuda:N or mps"
     if device.type == "mps" and not torch.backends.mps.is_available():
-        return [f"run.device: {name} is not available here: use run.device=cpu"]
+        return f"{key}: {name} is not available here: use {use.format('cpu')}"
     count = torch.cuda.device_count() if device.type == "cuda" else 0
     if device.type == "cuda" and not count:
-        return [f"run.device: {name}, but torch sees no CUDA GPU on this machine: use run.device=cpu"]
+        return f"{key}: {name}, but torch sees no CUDA GPU on this machine: use {use.format('cpu')}"
     if device.type == "cuda" and (device.index or 0) >= count:
         have = ", ".join(f"cuda:{i}" for i in range(count))
-        return [f"run.device: {name}, but this machine has {have}: use one of those"]
-    return []
+        return f"{key}: {name}, but this machine has {have}: use one of those"
+    return None
+
+
+def check_device(name: str, key: str) -> None:
+    """`device_problem` as a one-line RecipeError (a command's --device flag)."""
+    problem = device_problem(name, key)
+    if problem is not None:
+        raise RecipeError(problem)
 
 
 def _hook(plugin: Any, options: dict[str, Any]) -> list[str]:

@@ -48,13 +48,12 @@ def import_string(path: str) -> Any:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
         raise RegistryError(f"cannot import module {module_name!r} for {path!r}: {e}") from e
-    except Exception as e:
-        if is_editrl(module_name):
+    except (Exception, SystemExit) as e:
+        if is_editrl(module_name) and not isinstance(e, SystemExit):
             raise
         where = traceback.extract_tb(e.__traceback__)[-1]
         raise RegistryError(
-            f"importing {module_name!r} for {path!r} raised {type(e).__name__}: {e} "
-            f"({where.filename}:{where.lineno}): fix that module"
+            f"importing {module_name!r} for {path!r} {_raised(e)} ({where.filename}:{where.lineno}): fix that module"
         ) from e
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -135,10 +134,17 @@ class Registry(Generic[T]):
             return factory(*args, **kwargs)
         except EditrlError:
             raise
-        except Exception as e:
-            if is_editrl(getattr(factory, "__module__", None) or ""):
+        except (Exception, SystemExit) as e:
+            if is_editrl(getattr(factory, "__module__", None) or "") and not isinstance(e, SystemExit):
                 raise
-            raise RecipeError(f"{self.kind} {name!r} could not be built: {type(e).__name__}: {e}") from e
+            raise RecipeError(f"{self.kind} {name!r} could not be built: {_raised(e).removeprefix('raised ')}") from e
+
+
+def _raised(error: BaseException) -> str:
+    """`raised ValueError: why`, or `called sys.exit(0)`: what a user's plugin did instead of working."""
+    if isinstance(error, SystemExit):
+        return f"called sys.exit({error.code!r})"
+    return f"raised {type(error).__name__}: {error}"
 
 
 # Built-in plugins, registered lazily so that importing editrl imports no model code.

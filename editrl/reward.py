@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -120,46 +121,98 @@ def reward_batch(samples: list[EditSample], edited: Tensor, needs: set[str] | fr
     )
 
 
-async def _call(reward: Any, batch: RewardBatch) -> RewardOutput:
-    """One reward's scores on the host. A plugin that raises or answers with the wrong shape scores nothing: every
-    sample invalid, the error in `extras["error"]`, and `rewards.on_failure` decides whether the run skips those
-    samples or stops. editrl's own rewards are not excused (a bug keeps its traceback), nor is an EditrlError (a
-    judge server that is down: the run stops with its one line)."""
+def _run(reward: Any, batch: RewardBatch) -> Any:
+    """A reward's answer, awaited on an event loop of its own when it is async."""
+    out = reward(batch)
+    return asyncio.run(out) if inspect.iscoroutine(out) else out
+
+
+async def _in_thread(fn: Callable[[], Any], timeout: float | None, name: str) -> Any:
+    """`fn()` in a daemon thread, awaited at most `timeout` seconds (asyncio.TimeoutError after). A thread that never
+    returns is left behind and never holds up the process's exit; its answer, if it comes, is dropped."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def settle(value: Any, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(value)
+
+    def work() -> None:
+        try:
+            value, error = fn(), None
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting loop, which decides
+            value, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, value, error)
+        except RuntimeError:  # the loop has moved on (the reward was late): nobody waits for this answer
+            pass
+
+    threading.Thread(target=work, name=f"reward {name}", daemon=True).start()
+    return await asyncio.wait_for(done, timeout)
+
+
+async def _call(reward: Any, batch: RewardBatch, timeout: float | None = None) -> RewardOutput:
+    """One reward's scores on the host, within `timeout` seconds. A plugin that raises, exits, answers with the wrong
+    shape, or is late scores nothing: every sample invalid, the error in `extras["error"]`, and `rewards.on_failure`
+    decides whether the run skips those samples or stops. editrl's own rewards are not excused a fault (a bug keeps
+    its traceback), nor is an EditrlError (a judge server that is down: the run stops with its one line)."""
     who = getattr(reward, "__name__", type(reward).__name__)
     try:
-        out = reward(batch)
-        if inspect.isawaitable(out):
-            out = await out
+        out = await _in_thread(lambda: _run(reward, batch), timeout, who)
         if not isinstance(out, RewardOutput):
             raise TypeError(f"reward {who} returned {type(out).__name__}, expected RewardOutput")
         if out.scores.numel() != len(batch):
             raise ValueError(f"reward {who} returned {out.scores.numel()} scores for {len(batch)} samples")
     except EditrlError:
         raise
-    except Exception as e:
-        if is_editrl(getattr(getattr(reward, "fn", reward), "__module__", "")):
+    except asyncio.TimeoutError:
+        return _failed(len(batch), f"no answer within rewards.timeout_s={timeout:g}s (the call was left running)")
+    except (Exception, SystemExit) as e:
+        if not isinstance(e, SystemExit) and is_editrl(getattr(getattr(reward, "fn", reward), "__module__", "")):
             raise
-        error = f"{type(e).__name__}: {e}"
-        return RewardOutput(torch.zeros(len(batch)), torch.zeros(len(batch), dtype=torch.bool), {"error": [error] * len(batch)})
+        error = f"it called sys.exit({e.code!r})" if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
+        return _failed(len(batch), error)
     # Scores leave the device once per reward call: the group statistics over them are a few numbers on the host.
     return RewardOutput(out.scores.cpu(), out.valid.cpu(), out.extras)
 
 
-class RewardSet:
-    """The recipe's weighted rewards; scores a batch with all of them, async ones concurrently."""
+def _is_async(reward: Any) -> bool:
+    return bool(getattr(reward, "is_async", False)) or inspect.iscoroutinefunction(getattr(type(reward), "__call__", None))
 
-    def __init__(self, terms: list[tuple[str, float, Any]]) -> None:
+
+def _failed(n: int, error: str) -> RewardOutput:
+    return RewardOutput(torch.zeros(n), torch.zeros(n, dtype=torch.bool), {"error": [error] * n})
+
+
+class RewardSet:
+    """The recipe's weighted rewards; scores a batch with all of them, async ones concurrently, each within `timeout_s`
+    seconds (`rewards.timeout_s`; None: no limit)."""
+
+    def __init__(self, terms: list[tuple[str, float, Any]], timeout_s: float | None = None) -> None:
         self.names = [n for n, _, _ in terms]
         self.weights = {n: w for n, w, _ in terms}
         self.rewards = {n: r for n, _, r in terms}
+        self.timeout_s = timeout_s
 
     @property
     def needs(self) -> set[str]:
         return set().union(*(set(getattr(r, "needs", ALL_NEEDS)) for r in self.rewards.values()))
 
     async def ascore(self, batch: RewardBatch) -> dict[str, RewardOutput]:
-        outs = await asyncio.gather(*(_call(r, batch) for r in self.rewards.values()))
-        return dict(zip(self.names, outs))
+        """In the recipe's order: an async reward starts and runs on while the next ones do; a plain one finishes
+        before the next starts (so a reward may rely on the ones named before it having run)."""
+        pending: dict[str, Any] = {}
+        for name, reward in self.rewards.items():
+            call = _call(reward, batch, self.timeout_s)
+            if _is_async(reward):
+                pending[name] = asyncio.ensure_future(call)
+            else:
+                pending[name] = await call
+        return {name: await out if isinstance(out, asyncio.Future) else out for name, out in pending.items()}
 
     def score(self, batch: RewardBatch) -> dict[str, RewardOutput]:
         return asyncio.run(self.ascore(batch))

@@ -16,9 +16,10 @@ A sweep spec (YAML):
     metrics: [eval/oracle_fidelity]  # what the table reports (default: every eval/* and reward/weighted/mean)
     curves: [reward/fidelity/mean]   # per-step metrics plotted in reward_curves.png (default: reward/weighted/mean)
 
-Each run lives in `<output_dir>/<variant>/seed_<k>/`; a finished run has `done.json` and is never re-run,
-an interrupted one resumes from its checkpoint. The results are `results.md`, `results.csv`,
-`reward_curves.png` and `final_metrics.png` in the sweep's output directory.
+Each run lives in `<output_dir>/<variant>/seed_<k>/` (a variant name is one folder name; seeds are distinct); a
+finished run has `done.json` and is never re-run, an interrupted one resumes from its checkpoint, and one that another
+process is training now (a sweep started twice) is left to it, with one line naming that process. The results are
+`results.md`, `results.csv`, `reward_curves.png` and `final_metrics.png` in the sweep's output directory.
 """
 
 from __future__ import annotations
@@ -30,17 +31,20 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
+from rich.markup import escape
 
-from editrl.base import RecipeError, StrictModel
-from editrl.config import resolve_recipe_path, validate_model
+from editrl.base import RecipeError, StrictModel, TrainingError
+from editrl.checkpoint import checkpoint_steps
+from editrl.config import read_yaml, resolve_recipe_path, validate_model
+from editrl.files import check_output, run_in_use
 from editrl.preflight import load_recipe
 from editrl.monitor import console, read_metrics
 
@@ -62,11 +66,34 @@ class SweepSpec(StrictModel):
     curves: list[str] = Field(default_factory=lambda: ["reward/weighted/mean"], min_length=1)
     smooth: int = Field(10, ge=1)  # moving-average window (steps) of the curves: batches differ more than steps do
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        dup = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
+        if dup is not None:
+            raise ValueError(f"seed {dup} is listed twice: both runs would train into seed_{dup} and count as two")
+        return seeds
+
+    @field_validator("variants")
+    @classmethod
+    def _folder_names(cls, variants: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name in variants:
+            check_variant_name(name)
+        return variants
+
     @model_validator(mode="after")
     def _has_runs(self) -> "SweepSpec":
         if not self.variants and not self.grid:
             self.variants = {"base": []}
         return self
+
+
+def check_variant_name(name: str) -> str:
+    """A variant's name is the name of its folder inside the sweep's output_dir: one plain folder name."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"variant name {name!r} must be one folder name inside the sweep's output_dir (no '/', "
+                         "'..' or empty name): rename it")
+    return name
 
 
 @dataclass
@@ -86,7 +113,10 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> tuple[SweepSpec, P
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"sweep spec {path} not found")
-    spec = validate_model(SweepSpec, yaml.safe_load(path.read_text()) or {})
+    try:
+        spec = validate_model(SweepSpec, read_yaml(path) or {})
+    except RecipeError as e:
+        raise RecipeError(f"sweep spec {e}" if str(e).startswith(str(path)) else f"sweep spec {path}: {e}") from None
     spec.overrides = [*spec.overrides, *overrides]
     local = path.parent / spec.base
     base = local if local.is_file() else resolve_recipe_path(spec.base)
@@ -98,7 +128,9 @@ def expand(spec: SweepSpec, base: Path) -> list[Run]:
     variants = dict(spec.variants)
     keys = list(spec.grid)
     for combo in itertools.product(*(spec.grid[k] for k in keys)) if keys else ():
-        label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, combo))
+        label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, combo)).replace("/", "_")
+        if label in variants:
+            raise RecipeError(f"sweep: the grid's variant {label!r} has the name of another variant: rename that one")
         variants[label] = [f"{k}={json.dumps(v)}" for k, v in zip(keys, combo)]
     out = Path(spec.output_dir or f"runs/sweeps/{spec.name}")
     runs = []
@@ -116,18 +148,33 @@ def expand(spec: SweepSpec, base: Path) -> list[Run]:
     return runs
 
 
-def run_one(run: Run, base: Path) -> tuple[Run, int]:
-    """One `editrl train` process (resuming where a checkpoint exists); output goes to the run's train.log."""
+_children: set[subprocess.Popen[bytes]] = set()  # the sweep's `editrl train` processes, stopped with it
+_stopping = threading.Event()  # set when the sweep is interrupted: no further run starts
+
+
+def run_one(run: Run, base: Path) -> tuple[Run, int | str]:
+    """One `editrl train` process (resuming where a checkpoint exists); output goes to the run's train.log. Returns its
+    exit code, or who holds the run when another process trains it now (then nothing of it is touched)."""
     if run.done:
         return run, 0
+    if _stopping.is_set():  # interrupted before this run started
+        return run, 130
+    busy = run_in_use(run.run_dir)
+    if busy is not None:
+        return run, busy
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    resume = any((run.run_dir / "checkpoints").glob("step_*"))
+    resume = bool(checkpoint_steps(run.run_dir / "checkpoints"))
     cmd = [sys.executable, "-m", "editrl", "train", str(base), *run.overrides,
            "--resume" if resume else "--overwrite"]
     with (run.run_dir / "train.log").open("a") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
         log.flush()
-        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        _children.add(proc)
+        try:
+            code = proc.wait()
+        finally:
+            _children.discard(proc)
     if code == 0:
         (run.run_dir / "done.json").write_text(json.dumps({"finished": time.time()}))
     return run, code
@@ -137,19 +184,41 @@ def run_sweep(spec_path: str | Path, parallel: int | None = None, overrides: lis
     spec, base = load_spec(spec_path, list(overrides))
     runs = expand(spec, base)
     out = Path(spec.output_dir or f"runs/sweeps/{spec.name}")
+    check_output(out, [Path(spec_path), base], "output_dir", folder=True, writes=RESULTS)  # each run checks its own
     todo = [r for r in runs if not r.done]
+    _stopping.clear()
     console.log(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already finished")
-    failed = []
-    with ThreadPoolExecutor(max_workers=parallel or spec.parallel) as pool:
+    failed, busy = [], []
+    pool = ThreadPoolExecutor(max_workers=parallel or spec.parallel)
+    try:
         for run, code in pool.map(lambda r: run_one(r, base), todo):
+            if isinstance(code, str):
+                busy.append(f"{run.variant} seed {run.seed}")
+                console.print(f"[yellow]{escape(busy[-1])}[/yellow]: {escape(str(run.run_dir))} is in use by "
+                              f"{escape(code)}: left to it", highlight=False)
+                continue
             status = "[green]done[/green]" if code == 0 else f"[red]failed ({code})[/red]"
             console.log(f"{run.variant} seed {run.seed}: {status}  ({run.run_dir / 'train.log'})")
             if code:
                 failed.append(run)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the runs stop too (each resumes at the next invocation)
+        _stopping.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in list(_children):
+            proc.terminate()
+        raise
+    pool.shutdown()
     write_results(runs, out, spec)
+    if busy:
+        raise TrainingError(f"{len(busy)} of {len(runs)} runs are being trained by another process now "
+                            f"({', '.join(busy)}, named above): run the sweep again once it ends")
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(runs)} runs failed; see their train.log; re-run the sweep to retry them")
+        raise TrainingError(f"{len(failed)} of {len(runs)} runs failed; see their train.log "
+                            f"({failed[0].run_dir / 'train.log'}); run the sweep again to retry them")
     return out
+
+
+RESULTS = ("results.md", "results.csv", "reward_curves.png", "final_metrics.png")
 
 
 # ---------------------------------------------------------------- results

@@ -21,13 +21,13 @@ from torch import Tensor
 from editrl import grpo, sde
 from editrl.objectives import TrainedStep, build_objective
 from editrl.base import RecipeError, TrainingError
-from editrl.checkpoint import find_checkpoint
+from editrl.checkpoint import checkpoint_steps, find_checkpoint
 from editrl.config import Layout, Recipe, derive_layout
-from editrl.evaluate import ORACLE_COLUMNS, YARDSTICKS, EvalReport, ode_editor, save_grid
+from editrl.evaluate import ORACLE_COLUMNS, YARDSTICKS, EvalReport, ode_editor, recipe_rewards, save_grid
 from editrl.policy import modules_for_training
 from editrl.harness import Harness, Timer, derive_seed
 from editrl.monitor import console, skipped
-from editrl.reward import RewardSet, build_reward, reward_batch
+from editrl.reward import RewardSet, reward_batch
 from editrl.rollout import plan_steps, rollout
 from editrl.types import Condition, EditSample, RewardOutput, Trajectory
 
@@ -76,7 +76,7 @@ class Trainer(Harness):
     def build(self) -> None:
         recipe = self.recipe
         self.layout: Layout = derive_layout(recipe, self.backend.world_size)
-        self.rewards = RewardSet([(t.key, t.weight, build_reward(t.name, t.options)) for t in recipe.rewards.terms])
+        self.rewards: RewardSet = recipe_rewards(recipe)
         self.sigmas = sde.sigma_schedule(recipe.sampling.steps, recipe.sampling.shift)
         self.objective = build_objective(recipe.grpo, recipe.sampling)
         d = recipe.distributed
@@ -417,7 +417,8 @@ def warm_start(recipe: Recipe) -> Path:
     Several runs (a sweep's variants and seeds) share one warm start: a file lock lets the first build it,
     and an interrupted warm start resumes from its own checkpoint. It always runs as a single process.
     """
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
+    from rich.markup import escape
 
     from editrl.data.synth import prepare_synthetic
     from editrl.distributed import LocalBackend
@@ -428,7 +429,14 @@ def warm_start(recipe: Recipe) -> Path:
     out = Path(pc.init_from)  # type: ignore[arg-type]
     sft = load_sft_recipe(pc.warm_start, [*pc.warm_start_overrides, f"run.output_dir={out}"])  # type: ignore[arg-type]
     out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
+    lock = FileLock(str(out) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+        lock.release()
+    except Timeout:  # another run of a sweep builds it: say so, then wait for it (it is shared, not built twice)
+        console.print(f"[yellow]note[/]: waiting for another process that builds the warm start {escape(str(out))}",
+                      highlight=False)
+    with lock:
         try:
             done = json.loads((find_checkpoint(out) / "state.json").read_text())["step"] >= sft.train.steps
         except FileNotFoundError:
@@ -437,7 +445,7 @@ def warm_start(recipe: Recipe) -> Path:
         if done:
             skipped("sft", f"{out} holds a finished warm start ({sft.train.steps} steps)")
         else:
-            resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step_*"))
+            resume = bool(checkpoint_steps(out / "checkpoints"))
             SftTrainer(sft, resume=resume, backend=LocalBackend(sft.optim)).fit()
     return out
 

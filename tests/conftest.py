@@ -22,3 +22,29 @@ def editrl_cache(tmp_path_factory):
 def toy_overrides(tmp_path):
     """A fast toy run in a temporary directory."""
     return [f"run.output_dir={tmp_path / 'run'}", "train.progress=false", "run.threads=null"]
+
+
+HOLD = ("import sys, pathlib; from editrl.files import RunLock; lock = RunLock(pathlib.Path(sys.argv[1])); lock.acquire(); "
+        "lock.sign(); print('held', flush=True); sys.stdin.read()")
+
+
+@pytest.fixture
+def hold_lock():
+    """`hold_lock(run_dir)` starts another process that holds the run directory's lock, as a training process does,
+    until the test ends; returns that process."""
+    import subprocess
+    import sys
+
+    procs = []
+
+    def hold(run_dir):
+        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield hold
+    for proc in procs:
+        proc.stdin.close()
+        proc.wait(timeout=60)

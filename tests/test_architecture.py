@@ -100,7 +100,7 @@ def test_no_import_cycle():
 
 # The layers of docs/architecture.md, lowest first. A module may import its own layer and the ones below.
 LAYERS = [
-    {"base", "types", "registry", "data.video"},  # shared vocabulary, plugin registries, media I/O
+    {"base", "types", "registry", "files", "data.video"},  # shared vocabulary, plugin registries, the user's files, media I/O
     {"config", "monitor"},  # the recipe schema; the console, logs and progress bars
     {"sde", "grpo", "metrics"},  # the maths: pure tensor functions
     {"policy", "reward", "objectives", "data.base", "preflight"},  # what plugins implement; a recipe's checks against them

@@ -26,7 +26,7 @@ from editrl.distributed import all_gather_traffic
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (2, 3)
-COMMON = ["train.progress=false", "run.threads=1", "train.steps=3", "train.save_every=2"]
+COMMON = ["train.progress=false", "run.threads=1", "train.steps=3", "train.save_every=2", "run.plugins=[test_distributed]"]
 # name -> (recipe, overrides, ZeRO stages run one after the other in one launch)
 # The toy case scores only some prompts, so that a rank can have nothing to train while the other trains.
 CASES: dict[str, tuple[str, list[str], tuple[int, ...]]] = {

@@ -186,7 +186,7 @@ def ties_for_some(instructions, edited, **kw):
 def test_tied_groups_are_replaced_by_informative_extras(toy_overrides):
     budget = 4  # seed 0: the first group ties, and so do the first three extras drawn for it
     terms = 'rewards.terms=[{name: "test_objectives:ties_for_some"}]'
-    trainer = Trainer(load_recipe("toy", toy_overrides + [terms, f"grpo.resample_tied={budget}"]))
+    trainer = Trainer(load_recipe("toy", toy_overrides + [terms, "run.plugins=[test_objectives]", f"grpo.resample_tied={budget}"]))
     data = trainer.train_data
     slots = [data[i].instruction for i in DataCursor(len(data), 0, True).take(2)]
     pool = torch.randint(len(data), (budget,), generator=torch.Generator().manual_seed(derive_seed(0, 0, 4)))

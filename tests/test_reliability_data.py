@@ -1,14 +1,19 @@
-"""Issue 14, part B: damaged checkpoints fall back, `data check` decodes, `editrl edit` refuses what would lose work,
-manifests stay in their folder. Every failure is one line naming the thing, exit 2 (or 1 for `data check`'s list),
-and each case also checks that nothing was lost: inputs unchanged, the intact checkpoint used, good rows kept."""
+"""Issue 14, part B, and issue 26: damaged checkpoints fall back (checksums, else each file's format), `data check`
+decodes and refuses masks that are not masks, every writer refuses an output over an input, manifests stay in their
+folder (links followed). Every failure is one line naming the thing, exit 2 (or 1 for `data check`'s list), and each
+case also checks that nothing was lost: inputs unchanged, the intact checkpoint used, good rows kept."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import av
 import pytest
@@ -109,6 +114,21 @@ def cut_without_checksums(path: Path) -> None:
     truncate(path)
 
 
+def unlisted(damage):
+    """`damage` to a checkpoint with no checksums.json (written before checksums existed)."""
+    def apply(path: Path) -> None:
+        (path.parent / CHECKSUMS).unlink()
+        damage(path)
+
+    apply.__name__ = f"{damage.__name__}_unlisted"
+    return apply
+
+
+def flip_with_empty_checksums(path: Path) -> None:
+    (path.parent / CHECKSUMS).write_text("{}")
+    flip_byte(path)
+
+
 DAMAGE = [
     ("adapter.safetensors", truncate, r"adapter\.safetensors has \d+ of its \d+ bytes"),
     ("state.pt", truncate, r"state\.pt has \d+ of its \d+ bytes"),
@@ -117,6 +137,12 @@ DAMAGE = [
     (CHECKSUMS, truncate, r"checksums\.json is damaged"),
     (CHECKSUMS, not_a_table, r"checksums\.json is damaged"),
     ("state.json", cut_without_checksums, r"state\.json is damaged"),
+    # no checksums.json, or an empty one: each file is checked by its format before safetensors or torch reads it
+    ("adapter.safetensors", unlisted(truncate), r"adapter\.safetensors (has \d+ bytes where its header says \d+|is damaged)"),
+    ("adapter.safetensors", unlisted(Path.unlink), r"it holds no weights"),
+    ("state.pt", unlisted(truncate), r"state\.pt is damaged"),
+    ("state.pt", flip_with_empty_checksums, r"state\.pt is damaged \(.* fails its CRC\)"),
+    ("recipe.yaml", unlisted(flip_byte), r"recipe\.yaml is damaged"),
 ]
 
 
@@ -165,6 +191,44 @@ def test_checkpoints_without_checksums_still_load(toy_run, tmp_path):
         (ckpt / CHECKSUMS).unlink()
     assert find_checkpoint(run).name == "step_000002"
     load_checkpoint(run)
+
+
+class Code:
+    """What a state.pt written by someone else may hold: an object whose unpickling runs a command."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_state_pt_with_code_is_refused_without_advice_to_load_it(toy_run, tmp_path, monkeypatch):
+    """Even with its checksums rewritten to match: torch's own error would suggest weights_only=False."""
+    from editrl.checkpoint import write_checksums
+
+    monkeypatch.chdir(tmp_path)
+    run = shutil.copytree(toy_run, tmp_path / "run")
+    ckpt = run / "checkpoints" / "step_000002"
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    torch.save({**state, "extra": Code()}, ckpt / "state.pt")
+    (ckpt / CHECKSUMS).unlink()
+    write_checksums(ckpt)
+    with pytest.raises(CheckpointError, match="holds Python objects besides tensors, which editrl never writes") as e:
+        train(load_recipe(run / "recipe.yaml", [f"run.output_dir={run}", "train.steps=3"]), resume=True)
+    assert "weights_only" not in str(e.value) and not (tmp_path / "pwned").exists()
+
+
+def test_checkpoints_are_ordered_by_step_not_by_name(toy_run, tmp_path):
+    """Past step 999,999 the names sort wrongly: step_1000000 < step_999999."""
+    from editrl.checkpoint import save_checkpoint
+
+    run = shutil.copytree(toy_run, tmp_path / "run")
+    root = run / "checkpoints"
+    (root / "step_000001").rename(root / "step_999999")
+    (root / "step_000002").rename(root / "step_1000000")
+    (root / "latest").unlink()  # without `latest`, the highest step wins
+    assert find_checkpoint(run) == root / "step_1000000"
+    policy, recipe = load_checkpoint(run)
+    save_checkpoint(run, 1000001, recipe, policy, {}, {"cursor": 0}, keep=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_1000000", "step_1000001"]  # 999999 pruned, not newer
 
 
 # ---------------------------------------------------------------- data check
@@ -217,6 +281,36 @@ def with_blank_source(root: Path) -> dict:
     return {"id": "e", "instruction": "x", "source": " "}
 
 
+def with_fraction_mask(root: Path) -> dict:
+    import numpy as np
+
+    np.savez(root / "clips" / "f.npz", mask=np.where(np.arange(32) < 16, 0.75, 0.25) * np.ones((5, 32, 32)))
+    return {"id": "f", "instruction": "x", "source": "clips/b.mp4", "target": "clips/a_tgt.mp4", "mask": "clips/f.npz"}
+
+
+def with_nan_mask(root: Path) -> dict:
+    import numpy as np
+
+    mask = np.ones((5, 32, 32), dtype=np.float32)
+    mask[2, 3, 4] = np.nan
+    np.savez(root / "clips" / "n.npz", mask=mask)
+    return {"id": "n", "instruction": "x", "source": "clips/b.mp4", "mask": "clips/n.npz"}
+
+
+def with_link_outside(root: Path) -> dict:
+    """A symlink inside the folder that leads out of it (frames a judge server would receive)."""
+    write_video(root.parent / "secret.mp4", clip(), lossless=True)
+    (root / "clips" / "link.mp4").symlink_to(root.parent / "secret.mp4")
+    return {"id": "l", "instruction": "x", "source": "clips/link.mp4"}
+
+
+def with_linked_folder_outside(root: Path) -> dict:
+    (root.parent / "elsewhere").mkdir()
+    write_video(root.parent / "elsewhere" / "c.mp4", clip(), lossless=True)
+    (root / "more").symlink_to(root.parent / "elsewhere")
+    return {"id": "lf", "instruction": "x", "source": "more/c.mp4"}
+
+
 CHECKS = [
     (with_half, "bad row:", r"manifest.jsonl:3: cannot read video .*clips/half.mp4 after \d frames \(cut short or damaged\? re-export it\)"),
     (with_small, "mixed sizes:", r"source clips differ in size \(2 of 5 frames of 32x32, 1 of 5 frames of 16x24\).*: clips/small.mp4 \(line 3\)"),
@@ -225,6 +319,10 @@ CHECKS = [
     (with_small_mask, "bad row:", r"manifest.jsonl:3: mask clips/m.npz is \(5, 1, 16, 16\); a source of 5 frames of 32x32 needs \(5, 1, 32, 32\)"),
     (with_folder_as_source, "bad row:", r"manifest.jsonl:3: source clips is not a file"),
     (with_blank_source, "bad row:", r"manifest.jsonl:3: source: must not be empty"),
+    (with_fraction_mask, "bad row:", r"manifest.jsonl:3: mask .*clips/f.npz holds values other than 0 and 1 \(e.g. 0.75\): a mask is binary"),
+    (with_nan_mask, "bad row:", r"manifest.jsonl:3: mask .*clips/n.npz holds values other than 0 and 1 \(e.g. nan\)"),
+    (with_link_outside, "bad row:", r"manifest.jsonl:3: source clips/link.mp4 \(a link to .*/secret.mp4\) is outside the data folder"),
+    (with_linked_folder_outside, "bad row:", r"manifest.jsonl:3: source more/c.mp4 \(a link to .*/elsewhere/c.mp4\) is outside"),
 ]
 
 
@@ -385,3 +483,122 @@ def test_edit_scales_a_large_input_down_to_the_training_size(viva_run, tmp_path)
     kept = edit(run, video, tmp_path / "kept.mp4", "--keep-size")
     assert kept.exit_code == 0 and "scaled" not in kept.output, kept.output
     assert read_video(tmp_path / "kept.mp4").shape == (5, 3, 96, 128)
+
+
+# ---------------------------------------------------------------- every writer: outputs never over inputs
+
+
+def judged_folder(root: Path) -> Path:
+    """A folder of edits to score: rows with `edited` clips, a reference image named like an eval output."""
+    from editrl.data.video import write_image
+
+    good_folder(root)
+    write_image(root / "clips" / "grid.png", clip(1)[0])
+    rows = [{"id": "a", "instruction": "make it red", "source": "clips/a.mp4", "target": "clips/a_tgt.mp4",
+             "edited": "clips/a_tgt.mp4", "reference": "clips/grid.png"},
+            {"id": "b", "instruction": "make it blue", "source": "clips/b.mp4", "edited": "clips/b.mp4"}]
+    return folder(root, rows)
+
+
+def contents(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_writers_refuse_an_output_over_an_input(toy_run, tmp_path):
+    data = judged_folder(tmp_path / "data")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(resolve_recipe_path("toy").read_text())
+    before, run_before = contents(tmp_path), contents(toy_run)
+    cases = [
+        ("editrl.judge", ["-r", recipe, "-d", data, "--out", data / "manifest.jsonl"],
+         f"--out {data / 'manifest.jsonl'} is the input {data / 'manifest.jsonl'}: choose another path"),
+        ("editrl.judge", ["-r", recipe, "-d", data, "--out", data / "clips" / ".." / "clips" / "b.mp4"], "is the input"),
+        ("editrl.judge", ["-r", recipe, "-d", data, "--out", recipe], f"is the input {recipe}"),
+        ("editrl.judge", ["-r", recipe, "--audit", data, "--out", data / "manifest.jsonl"], "is a file: give a folder"),
+        ("editrl.data.cli", ["eval", "--checkpoint", toy_run, "--data", data, "--out", data / "clips"],
+         f"--out {data / 'clips'}: {data / 'clips' / 'grid.png'} (which it replaces) is the input {data / 'clips' / 'grid.png'}"),
+        ("editrl.data.cli", ["eval", "--checkpoint", toy_run, "--data", data, "--device", "cuda:7"], "--device: cuda:7, but"),
+        ("editrl.data.cli", ["eval", "--checkpoint", toy_run, "--data", data, "--device", "cpuu"],
+         "--device: 'cpuu' is not a device editrl runs on"),
+        ("editrl.data.cli", ["data", "synth", "--out", recipe, "--n", 2], f"--out {recipe} is a file: give a folder"),
+        ("editrl.data.cli", ["data", "synth", "--out", tmp_path / "big", "--n", 2, "--frames", 5, "--size", 100000, 100000],
+         "2 samples of 5 frames of 100000x100000 need about"),
+    ]
+    for module, args, message in cases:
+        line = one_line_error(invoke(module, *args))
+        assert message in line, (args, line)
+    assert contents(tmp_path) == before and contents(toy_run) == run_before
+
+
+def test_edit_refuses_an_empty_instruction_and_a_missing_device(toy_run, tmp_path):
+    video = write_video(tmp_path / "in.mp4", clip())
+    for more, message in [(["--instruction", "  "], "--instruction is empty: say what to change"),
+                          (["--instruction", "x", "--device", "cuda"], "--device: cuda, but torch sees no CUDA GPU"),
+                          (["--instruction", "x", "--device", "gpu0"], "--device: 'gpu0' is not a device")]:
+        result = invoke("editrl.inference", "edit", "--checkpoint", toy_run, "--video", video, "--out",
+                        tmp_path / "out.mp4", *more)
+        assert message in one_line_error(result)
+    assert not (tmp_path / "out.mp4").exists()
+
+
+@contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """`path` as a folder nothing can be written in, even by root (immutable); skipped where that cannot be set."""
+    path.chmod(0o555)
+    locked = os.access(path, os.W_OK) and subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+    try:
+        if os.access(path, os.W_OK):
+            pytest.skip("cannot make a folder read-only for this user")
+        yield
+    finally:
+        if locked:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(0o755)
+
+
+def test_eval_into_a_read_only_run_folder_is_one_line_before_the_checkpoint_loads(toy_run, tmp_path):
+    run = shutil.copytree(toy_run, tmp_path / "run")
+    data = judged_folder(tmp_path / "data")
+    with read_only(run):
+        line = one_line_error(invoke("editrl.data.cli", "eval", "--checkpoint", run, "--data", data))
+    assert f"--out {run / 'eval'}: cannot write there ({run} is not writable" in line, line
+    assert not (run / "eval").exists()
+
+
+def test_judge_exits_2_when_a_reward_fails_on_every_edit(tmp_path, monkeypatch):
+    (tmp_path / "always_fails.py").write_text("def r(instructions, **kw):\n    raise RuntimeError('no model')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = judged_folder(tmp_path / "data")
+    result = invoke("editrl.judge", "-r", "toy", "-d", data, "--out", tmp_path / "scores.jsonl",
+                    'rewards.terms=[{name: brightness}, {name: "always_fails:r"}]', "run.plugins=[always_fails]")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last == ("error: reward 'always_fails:r' scored none of the 2 edits (first: RuntimeError: no model): the "
+                    "scores above are not usable"), last
+    assert len((tmp_path / "scores.jsonl").read_text().splitlines()) == 2  # what was scored is still written
+
+
+def test_a_key_given_twice_in_json_is_refused(tmp_path):
+    """A manifest row or a DeepSpeed config with a key twice used to keep the last one without a word."""
+    from editrl.distributed import deepspeed_config
+
+    root = good_folder(tmp_path / "data")
+    (root / "manifest.jsonl").write_text(json.dumps(GOOD[1]) + "\n" + '{"id": "a", "instruction": "x", '
+                                         '"source": "clips/a.mp4", "source": "clips/b.mp4"}\n')
+    line = one_line_error(invoke("editrl.data.cli", "data", "check", root, "--on-error", "fail"))
+    assert line.endswith("manifest.jsonl:2: not valid JSON (key 'source' is given twice)"), line
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2}, "zero_optimization": {"stage": 3}}')
+    recipe = load_recipe("toy", ["distributed.backend=deepspeed", f"distributed.config={ds}"])
+    with pytest.raises(EditrlError, match=r"distributed.config: .*ds.json is not valid JSON: key 'zero_optimization' is given twice"):
+        deepspeed_config(recipe)
+
+
+def test_eval_refuses_a_mask_that_is_not_a_mask(toy_run, tmp_path):
+    """It used to score a 0.25/0.75 mask as all-true: the whole frame as the edit region (16.75 dB instead of 8.42)."""
+    root = good_folder(tmp_path / "data")
+    folder(root, [GOOD[0], with_fraction_mask(root)])
+    before = contents(root)
+    line = one_line_error(invoke("editrl.data.cli", "eval", "--checkpoint", toy_run, "--data", root, "--out", tmp_path / "ev"))
+    assert re.search(r"manifest.jsonl:2: mask .*clips/f.npz holds values other than 0 and 1 \(e.g. 0.75\)", line), line
+    assert contents(root) == before

@@ -50,6 +50,7 @@ def make_folder(root: Path, with_edits: bool = True) -> Path:
 
 def write_recipe(path: Path, terms: list[dict]) -> Path:
     recipe = {
+        "run": {"plugins": sorted({t["name"].split(":")[0] for t in terms if ":" in t["name"]})},
         "policy": {"name": "toy_t2v"},
         "data": {"train": {"kind": "prompts", "options": {"prompts": ["x"]}}},
         "rewards": {"terms": terms},
@@ -132,6 +133,8 @@ def test_a_reward_plugin_that_cannot_start_is_one_line(tmp_path, monkeypatch):
         "    needs = frozenset({'edited'})\n"
         "    def __init__(self, path='weights.pt'):\n"
         "        raise FileNotFoundError(f'no such file: {path}')\n"
+        "    def __call__(self, batch):\n"
+        "        raise AssertionError('never built')\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     data = make_folder(tmp_path / "data")

@@ -85,6 +85,34 @@ def test_expected_score_is_the_mean_over_score_tokens_renormalised():
     assert expected_score([("5", -0.5), ("3", -9999.0), ("4", -math.inf)], 0, 9) == pytest.approx(5.0)
 
 
+def test_a_broken_log_probability_is_an_error_never_the_runner_up():
+    """A NaN on the answer's token used to be skipped, scoring the reply from the next score token (issue 26)."""
+    with pytest.raises(ValueError, match="log-probability of score '8' is nan"):
+        expected_score([("8", math.nan), ("3", -2.0)], 0, 9)
+    with pytest.raises(ValueError, match="is 3.0"):
+        expected_score([("8", 3.0)], 0, 9)  # a probability of e^3
+    s = read_score("8", [("8", [("8", math.nan), ("3", -2.0)])], 0, 9)
+    assert s.value is None and "the reply's log-probabilities are broken" in s.error
+
+
+def _with_logprob(value):
+    body = json.loads(json.dumps(recorded("chat_logprobs.json")["body"]))
+    content = body["choices"][0]["logprobs"]["content"][0]
+    content["logprob"] = content["top_logprobs"][0]["logprob"] = value
+    return body
+
+
+@pytest.mark.parametrize("value,reason", [(math.nan, "log-probability of score '8' is nan"),
+                                          (None, "has malformed log-probabilities")])
+def test_a_reply_with_broken_log_probabilities_is_invalid(tmp_path, value, reason):
+    def serve(request: httpx2.Request) -> httpx2.Response:  # json.dumps writes NaN as vLLM's Python server does
+        body = recorded("models.json")["body"] if request.url.path.endswith("/models") else _with_logprob(value)
+        return httpx2.Response(200, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+
+    out = score(Fidelity(options(tmp_path), transport=httpx2.MockTransport(serve)), batch(2))
+    assert not out.valid.any() and all(reason in e for e in out.extras["error"]), out.extras["error"]
+
+
 def test_parse_integer_rejects_missing_and_out_of_range_scores():
     assert parse_integer("Score: 7/9", 0, 9) == (7, None)
     assert parse_integer("no idea", 0, 9)[0] is None
@@ -290,6 +318,15 @@ def test_health_check_names_the_unreachable_url(tmp_path):
 
     with pytest.raises(JudgeUnavailable, match=r"judge server http://judge-a.test/v1 is not reachable"):
         Fidelity(options(tmp_path), transport=httpx2.MockTransport(refuse))
+
+
+@pytest.mark.parametrize("body", [b"not json{", b'{"data": 5}', b"[]", b"null"])
+def test_health_check_names_a_server_that_answers_nonsense(tmp_path, body):
+    """A /models reply that is not a model list used to be a traceback from inside the openai client."""
+    nonsense = httpx2.MockTransport(lambda r: httpx2.Response(200, content=body, headers={"content-type": "application/json"}))
+    with pytest.raises(JudgeUnavailable, match=r"judge server http://judge-a.test/v1 answered GET /models with something "
+                                               r"other than a list of models \(.*\): is base_urls an OpenAI-compatible"):
+        Fidelity(options(tmp_path), transport=nonsense)
 
 
 def test_health_check_requires_the_model_to_be_served(tmp_path):

@@ -1,6 +1,7 @@
 """Sweeps: expansion, resumable runs, results table and plots."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -66,3 +67,41 @@ def test_micro_sweep_runs_resumes_and_tabulates(tmp_path):
     assert (out / "no_brightness" / "seed_0" / "train.log").read_text().count("$ ") == 1
     rows = [json.loads(line) for line in (out / "full" / "seed_0" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"seeds": [0, 0]}, "seeds: seed 0 is listed twice: both runs would train into seed_0 and count as two"),
+        ({"variants": {"../escape": []}}, "variant name '../escape' must be one folder name inside the sweep's output_dir"),
+        ({"variants": {"a/b": []}}, "variant name 'a/b' must be one folder name"),
+        ({"variants": {"": []}}, "variant name '' must be one folder name"),
+        ({"variants": {"beta=0.0": []}, "grid": {"grpo.beta": [0.0]}}, "the grid's variant 'beta=0.0' has the name of another"),
+    ],
+)
+def test_runs_never_share_or_leave_the_sweep_folder(tmp_path, extra, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        expand(*load_spec(_spec(tmp_path, **extra)))
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_variant_named_twice_is_refused(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text("name: s\nbase: toy\nvariants:\n  full: []\n  full: [train.steps=2]\n")
+    with pytest.raises(RecipeError, match=re.escape(f"{path}:5: not valid YAML: 'full' is given twice (first on line 4)")):
+        load_spec(path)
+
+
+def test_a_sweep_leaves_a_run_another_process_trains(tmp_path, hold_lock, capsys):
+    """A sweep started again while its first invocation runs: that run is left alone, named, and the sweep ends 2."""
+    from editrl.base import TrainingError
+
+    path = _spec(tmp_path, variants={"full": []})
+    busy = tmp_path / "sweep" / "full" / "seed_0"
+    holder = hold_lock(busy)
+    with pytest.raises(TrainingError, match=r"1 of 1 runs are being trained by another process now \(full seed 0, "
+                                            r"named above\): run the sweep again once it ends"):
+        run_sweep(path)
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"full seed 0: {busy} is in use by process {holder.pid} on " in said and ": left to it" in said
+    assert sorted(p.name for p in busy.iterdir()) == [".editrl.lock"]  # no train.log appended, nothing started

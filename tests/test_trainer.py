@@ -57,6 +57,7 @@ def test_async_and_sync_rewards_agree(toy_overrides, tmp_path):
 
 def test_invalid_scores_are_skipped_or_stop_the_run(toy_overrides):
     terms = 'rewards.terms=[{name: "test_trainer:half_invalid"}]'
+    toy_overrides = [*toy_overrides, "run.plugins=[test_trainer]"]
     trainer = Trainer(load_recipe("toy", toy_overrides + [terms]))
     metrics = trainer.train_step()
     assert metrics["reward/test_trainer:half_invalid/invalid"] == 4.0
@@ -67,7 +68,7 @@ def test_invalid_scores_are_skipped_or_stop_the_run(toy_overrides):
 
 
 def test_tied_groups_are_skipped(toy_overrides):
-    trainer = Trainer(load_recipe("toy", toy_overrides + ['rewards.terms=[{name: "test_trainer:constant"}]']))
+    trainer = Trainer(load_recipe("toy", toy_overrides + ['rewards.terms=[{name: "test_trainer:constant"}]', "run.plugins=[test_trainer]"]))
     before = [p.clone() for p in trainer.policy.trainable_parameters()]
     metrics = trainer.train_step()
     assert metrics["groups/zero_std_frac"] == 1.0 and metrics["train/skipped"] == 1.0
@@ -186,7 +187,8 @@ def test_ema_tracks_the_weights_and_serves_evaluation(toy_overrides):
 def test_weighted_reward_is_in_the_terms_units_when_the_total_is_centred(toy_overrides):
     """Under normalize_then_sum the aggregated total is ~0 in every group; reward/weighted/mean still shows progress."""
     terms = 'rewards.terms=[{name: brightness, weight: 2.0}, {name: "test_trainer:constant", label: one, weight: 0.5}]'
-    run = train(load_recipe("toy", toy_overrides + [terms, "rewards.aggregation=normalize_then_sum", "train.steps=2"]))
+    run = train(load_recipe("toy", toy_overrides + [terms, "run.plugins=[test_trainer]", "rewards.aggregation=normalize_then_sum",
+                                                   "train.steps=2"]))
     for row in read_metrics(run / "metrics.jsonl"):
         assert abs(row["reward/total/mean"]) < 1e-5
         assert row["reward/weighted/mean"] == pytest.approx(2.0 * row["reward/brightness/mean"] + 0.5 * 1.0)

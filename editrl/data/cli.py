@@ -42,7 +42,9 @@ def synth(
 
     def go() -> None:
         from editrl.data.synth import synthesize
+        from editrl.files import check_output
 
+        check_output(out, [], "--out", folder=True)
         path = synthesize(out, n, seed, _split_ops(ops), frames, size, split, generator, workers)
         console.print(f"[green]wrote[/green] {n} samples to {path}")
 
@@ -132,10 +134,16 @@ def evaluate_command(
     from editrl.commands import console, run_cli
 
     def go() -> None:
-        from editrl.evaluate import checkpoint_editor, recipe_rewards
+        from editrl.data.manifest import manifest_inputs
+        from editrl.evaluate import EVAL_FILES, checkpoint_editor, recipe_rewards
+        from editrl.files import check_output
+        from editrl.preflight import check_device
 
+        check_device(device, "--device")
+        folder = out or checkpoint / "eval"
+        check_output(folder, manifest_inputs(data), "--out", folder=True, writes=EVAL_FILES)
         edit_fn, recipe, policy, batch = checkpoint_editor(checkpoint, steps, seed, device, batch_size)
-        run_benchmark(edit_fn, data, out or checkpoint / "eval", recipe_rewards(recipe) if rewards else None,
+        run_benchmark(edit_fn, data, folder, recipe_rewards(recipe) if rewards else None,
                       batch, limit, on_error, console, policy, allow_outside)
 
     run_cli(go)

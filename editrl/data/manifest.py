@@ -12,10 +12,11 @@ is read exactly like the synthetic data. Masks are `.npz` files holding a bool a
 (T, 1, H, W), (T, H, W) or (H, W) (one mask for every frame), True where change is allowed.
 Every row is checked when the dataset is opened (JSON, keys, non-empty instruction, files present, inside the
 folder and readable); a bad row is reported as `manifest.jsonl:LINE: problem` and skipped or fatal (`on_error`).
-Media paths must stay inside the manifest's folder (`..` or an absolute path elsewhere is refused), so a manifest
-from elsewhere cannot make training read arbitrary files; `allow_outside: true` (a data option, or
-`editrl data check --allow-outside`) lifts this for a manifest you wrote yourself. Symlinks inside the folder are
-followed: placing them there is the folder owner's choice.
+Media paths must stay inside the manifest's folder, where they lead once links are followed (`..`, an absolute path
+elsewhere, or a symlink inside the folder that points out of it are refused), so a manifest from elsewhere cannot make
+training read, or a judge receive, arbitrary files; `allow_outside: true` (a data option, or `--allow-outside` for
+`editrl data check`, `eval` and `judge`) lifts this for a manifest you wrote yourself. A mask must be binary (bool,
+or 0/1 numbers): a mask of fractions or NaN is refused, never rounded into an edit region.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from editrl.data.video import MediaError, probe_video, read_image, read_video, write_image, write_video
 from editrl.base import DataError, StrictModel
+from editrl.files import resolved, unique_keys, within
 from editrl.types import EditSample
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -132,6 +134,14 @@ def load_mask(path: str | Path, frames: int | None = None) -> torch.Tensor:
         raise
     except Exception as e:  # numpy raises several kinds for a corrupt zip
         raise MediaError(f"cannot read mask {path}: {e}") from e
+    if array.dtype != bool:
+        try:
+            odd = array[(array != 0) & (array != 1)]  # NaN is neither
+        except TypeError:  # strings, objects
+            raise MediaError(f"mask {path} holds {array.dtype} values: a mask is true/false (or 0/1)") from None
+        if odd.size:
+            raise MediaError(f"mask {path} holds values other than 0 and 1 (e.g. {odd.flat[0]}): a mask is binary, "
+                             "true where the edit may change pixels; threshold it and save it as bool")
     mask = torch.from_numpy(array.astype(bool))
     if mask.dim() == 2:
         mask = mask[None, None].expand(frames or 1, 1, *mask.shape).clone()
@@ -177,6 +187,25 @@ def write_manifest(folder: str | Path, rows: list[ManifestRow]) -> Path:
 # ---------------------------------------------------------------- reading
 
 
+def manifest_inputs(path: str | Path) -> list[Path]:
+    """The manifest file and every media file its rows name (rows as written, none checked): what a command that
+    reads this folder must never write over (`editrl.files.check_output`)."""
+    manifest = Path(path) / MANIFEST_NAME if Path(path).is_dir() else Path(path)
+    found = [manifest]
+    try:
+        lines = manifest.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return found  # reading it for real reports the problem
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            found += [manifest.parent / row[name] for name in MEDIA_FIELDS if isinstance(row.get(name), str)]
+    return found
+
+
 def _probe_image(path: Path) -> None:
     from PIL import Image, UnidentifiedImageError
 
@@ -197,11 +226,11 @@ def _fitted_mask(path: Path, name: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _outside(entry: ManifestEntry) -> str | None:
-    """The first media field whose path leaves the manifest's folder (lexically: `..`, or absolute elsewhere)."""
-    root = os.path.normpath(entry.root.absolute())
+    """The first media field whose file is outside the manifest's folder: by `..`, an absolute path elsewhere, or a
+    link inside the folder that points out of it."""
     for name in MEDIA_FIELDS:
         path = entry.path(name)
-        if path is not None and not Path(os.path.normpath(path.absolute())).is_relative_to(root):
+        if path is not None and not within(path, entry.root):
             return name
     return None
 
@@ -289,9 +318,11 @@ def load_manifest(
             continue
         try:
             try:
-                data = json.loads(text)
+                data = json.loads(text, object_pairs_hook=unique_keys)
             except json.JSONDecodeError as e:
                 raise ManifestError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+            except ValueError as e:
+                raise ManifestError(f"not valid JSON ({e})") from None
             if not isinstance(data, dict):
                 raise ManifestError(f"a row must be a JSON object, got {type(data).__name__}")
             try:
@@ -303,8 +334,10 @@ def load_manifest(
             entry = ManifestEntry(row, root, number, manifest)
             outside = None if allow_outside else _outside(entry)
             if outside is not None:
+                real = resolved(entry.path(outside))  # type: ignore[arg-type]
+                link = f" (a link to {real})" if real != Path(os.path.normpath(entry.path(outside).absolute())) else ""  # type: ignore[union-attr]
                 raise ManifestError(
-                    f"{outside} {getattr(row, outside)} is outside the data folder {root}: move it in, or allow it "
+                    f"{outside} {getattr(row, outside)}{link} is outside the data folder {root}: move it in, or allow it "
                     "with the data option allow_outside: true (editrl data check --allow-outside)"
                 )
             if check_media:

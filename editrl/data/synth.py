@@ -59,6 +59,30 @@ def check_frames(frames: int) -> int:
 
 # ---------------------------------------------------------------- writing a data folder
 
+CLIP_COPIES = 8  # float32 clips a sample needs at once while it is drawn (source, target, layers), measured at 768x768
+ROW_BYTES = 1024  # a manifest row kept until the manifest is written
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (MemAvailable), or None where that is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_memory(n: int, frames: int, size: tuple[int, int], workers: int) -> None:
+    """Refuses, before any work, data whose samples (one per worker at a time) and rows cannot fit in memory."""
+    need = CLIP_COPIES * frames * int(size[0]) * int(size[1]) * 3 * 4 * workers + n * ROW_BYTES
+    have = available_memory()
+    if have is not None and need > have:
+        raise DataError(
+            f"{n} samples of {frames} frames of {size[0]}x{size[1]} need about {need / 2**30:.1f} GiB of memory while "
+            f"they are made, and this machine has {have / 2**30:.1f} GiB free: choose a smaller size, fewer frames "
+            "or fewer samples (or several folders)"
+        )
+
 
 def build_generator(name: str, frames: int, size: tuple[int, int], **options: Any) -> PairGenerator:
     try:
@@ -121,12 +145,13 @@ def synthesize(
     out = Path(out)
     if (out / MANIFEST_NAME).exists():
         raise DataError(f"{out} already holds a {MANIFEST_NAME}; choose an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    items = [(i, ops[i % len(ops)]) for i in range(n)]
     if workers is None:
         # A worker costs seconds to start (torch import) and one process already does ~30 samples/s at 64x64;
         # on a 2-core machine shared with other work, 2 workers measured slower than 1 (benchmarks/synth_speed.py).
         workers = max(1, min((os.cpu_count() or 1) // 2, 8, n // 500))
+    check_memory(n, frames, size, workers)
+    out.mkdir(parents=True, exist_ok=True)
+    items = [(i, ops[i % len(ops)]) for i in range(n)]
     spec = dict(generator=generator, frames=frames, size=tuple(size), seed=seed, split=split, out=str(out), options=options)
     chunk = max(1, min(64, -(-n // (workers * 4))))
     chunks = [items[i : i + chunk] for i in range(0, n, chunk)]
@@ -184,6 +209,7 @@ class SyntheticDataset:
                 raise DataError(str(e)) from None
             check_ops(self.ops, known)
             build_generator(self.generator, self.frames, tuple(self.size), **self.scene)
+            check_memory(self.n, self.frames, tuple(self.size), 1)
 
         def folder(self) -> Path:
             """Where this exact data lives: the options that shape the data, and the generator's version."""

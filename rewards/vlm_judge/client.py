@@ -119,10 +119,15 @@ def _reply_from(completion: Any, url: str, attempts: int) -> Reply:
     content = getattr(choice.message, "content", None) if getattr(choice, "message", None) else None
     logprobs = getattr(choice, "logprobs", None)
     positions = None
-    if logprobs is not None and getattr(logprobs, "content", None):
-        positions = [
-            (p.token, [(t.token, float(t.logprob)) for t in (p.top_logprobs or [])]) for p in logprobs.content
-        ]
+    try:
+        if logprobs is not None and getattr(logprobs, "content", None):
+            positions = [
+                (str(p.token), [(str(t.token), float(t.logprob)) for t in (p.top_logprobs or [])]) for p in logprobs.content
+            ]
+    except (AttributeError, TypeError, ValueError) as e:
+        return Reply(error=f"reply from {url} has malformed log-probabilities ({e})", url=url, attempts=attempts)
+    if content is not None and not isinstance(content, str):
+        return Reply(error=f"reply from {url} has a {type(content).__name__} as its text", url=url, attempts=attempts)
     return Reply(content=content, positions=positions, url=url, attempts=attempts)
 
 
@@ -162,7 +167,7 @@ class JudgeClient:
                 base_url=url, api_key=self.api_key, timeout=min(self.options.timeout, 10.0), max_retries=0, http_client=http
             )
             try:
-                served = [m.id for m in client.models.list()]
+                served = [m.id for m in client.models.list() if isinstance(getattr(m, "id", None), str)]
             except openai.AuthenticationError:
                 raise JudgeUnavailable(
                     f"judge server {url} rejected the API key (from ${self.options.api_key_env})"
@@ -174,6 +179,11 @@ class JudgeClient:
                 ) from None
             except openai.APIStatusError as e:
                 raise JudgeUnavailable(f"judge server {url} answered HTTP {e.status_code} to GET /models") from None
+            except (openai.OpenAIError, ValueError, TypeError, AttributeError) as e:  # a reply that is not a model list
+                raise JudgeUnavailable(
+                    f"judge server {url} answered GET /models with something other than a list of models "
+                    f"({type(e).__name__}: {' '.join(str(e).split())[:80]}): is base_urls an OpenAI-compatible server?"
+                ) from None
             finally:
                 client.close()
             if self.options.model not in served:

@@ -33,16 +33,22 @@ def score_tokens(min_score: int, max_score: int) -> list[str]:
 
 
 def expected_score(top_logprobs: list[tuple[str, float]], min_score: int, max_score: int) -> float | None:
-    """Expected score over the score tokens among `top_logprobs`, renormalised; None if none is there."""
+    """Expected score over the score tokens among `top_logprobs`, renormalised; None if none is there.
+
+    A score token whose log-probability is not one (NaN, or above 0) is a broken reply, a ValueError: scoring the rest
+    would read the answer from the runner-up tokens. -inf is a probability of 0."""
     probs: dict[int, float] = {}
     for token, logprob in top_logprobs:
         text = token.strip()
-        if not text.isdigit() or not math.isfinite(logprob):
+        if not text.isdigit():
             continue
         value = int(text)
-        if min_score <= value <= max_score:
-            # The same score can appear twice (" 7" and "7"): their probabilities add up.
-            probs[value] = probs.get(value, 0.0) + math.exp(logprob)
+        if not min_score <= value <= max_score:
+            continue
+        if math.isnan(logprob) or logprob > 1e-4:
+            raise ValueError(f"the log-probability of score {token!r} is {logprob}")
+        # The same score can appear twice (" 7" and "7"): their probabilities add up.
+        probs[value] = probs.get(value, 0.0) + math.exp(logprob)
     total = sum(probs.values())
     if total <= 0:
         return None
@@ -74,7 +80,10 @@ def read_score(
     valid = set(score_tokens(min_score, max_score))
     for token, top in positions or []:
         if token.strip() in valid:
-            value = expected_score(top, min_score, max_score)
+            try:
+                value = expected_score(top, min_score, max_score)
+            except ValueError as e:
+                return Score(None, None, f"{e}: the reply's log-probabilities are broken")
             if value is not None:
                 return Score(value, "logprobs")
             break

@@ -196,7 +196,7 @@ class ServerKiller:
 
 def judge_recipe(server, tmp_path, on_failure: str) -> str:
     recipe = {
-        "run": {"name": "judge_kill", "output_dir": str(tmp_path / "run"), "threads": None},
+        "run": {"name": "judge_kill", "output_dir": str(tmp_path / "run"), "threads": None, "plugins": [__name__]},
         "policy": {"name": "toy_t2v", "options": {"frames": 2, "height": 8, "width": 8}},
         "data": {"train": {"kind": "prompts", "options": {"prompts": ["a red ball", "a blue sky"]}}},
         "rewards": {
