@@ -176,3 +176,25 @@ def test_training_and_editrl_eval_make_the_same_held_out_edits(toy_overrides, tm
         for col in ("fidelity_psnr", "preservation_psnr", "temporal"):
             a, b = float(row[col] or "nan"), float(trained[row["id"]][col])  # samples.csv leaves n/a empty
             assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-5), (row["id"], col, a, b)
+
+
+def test_a_name_typed_on_the_command_line_is_trusted_one_in_a_recipe_file_must_be_listed(tmp_path):
+    """Typing `grpo.loss=my_loss:my_loss` is the user's decision: its module joins run.plugins (so the run's recipe.yaml
+    records it); a recipe file, or a checkpoint's, naming code its run.plugins does not list is refused."""
+    import sys
+
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "examples" / "custom_loss"))
+    try:
+        typed = load_recipe("toy", ["grpo.loss=my_loss:my_loss"])
+        assert typed.run.plugins == ["my_loss"]
+        tree = typed.model_dump(mode="json")
+        tree["run"]["plugins"] = []
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(tree))
+        with pytest.raises(RecipeError, match="'my_loss:my_loss' is code from 'my_loss', which run.plugins does not list"):
+            load_recipe(tmp_path / "r.yaml")
+        with pytest.raises(RecipeError, match="is Python's standard library"):
+            load_recipe("toy", ["grpo.loss=subprocess:Popen"])  # typed or not
+    finally:
+        sys.path.remove(str(ROOT / "examples" / "custom_loss"))
