@@ -114,7 +114,7 @@ def train(
             console.print("[green]ready[/green]: every weight and server the recipe names is here")
             return
         from editrl import monitor
-        from editrl.distributed import launch_env
+        from editrl.base import launch_env
         from editrl.summary import nothing_trained, print_run_summary
         from editrl.trainer import train as run_training
 

@@ -361,4 +361,5 @@ def recipe_rewards(recipe: Any) -> Any:
     terms = getattr(getattr(recipe, "rewards", None), "terms", None)
     if not terms:
         return None
-    return RewardSet([(t.key, t.weight, build_reward(t.name, t.options)) for t in terms], recipe.rewards.timeout_s)
+    return RewardSet([(t.key, t.weight, build_reward(t.name, recipe.plugin_options(f"rewards.terms.{i}", t.options)))
+                      for i, t in enumerate(terms)], recipe.rewards.timeout_s)

@@ -294,16 +294,15 @@ class Harness:
         self.check_policy()
         self.backend.prepare(self.policy)
         self.ema = self._make_ema()
-        self.train_data: EditDataset = build_dataset(recipe.data.train.kind, recipe.data.train.options)
+        self.train_data: EditDataset = build_dataset(recipe.data.train.kind, recipe.plugin_options("data.train", recipe.data.train.options))
         self.eval_data: EditDataset | None = (
-            build_dataset(recipe.data.eval.kind, recipe.data.eval.options) if recipe.data.eval else None
+            build_dataset(recipe.data.eval.kind, recipe.plugin_options("data.eval", recipe.data.eval.options))
+            if recipe.data.eval else None
         )
         self.cursor = DataCursor(len(self.train_data), recipe.run.seed, recipe.data.shuffle)
         self.loader = Prefetcher(self.train_data)
         self.step = 0
         self.sentinel = Sentinel(recipe.train.sentinel) if recipe.train.sentinel else None
-        if self.sentinel is not None and (self.eval_data is None or recipe.train.eval_every is None):
-            raise RecipeError("train.sentinel watches held-out evaluations: set data.eval and train.eval_every, or drop it")
         self.stopping = False  # set by the sentinel's alarm when train.sentinel.stop
         self.build()  # before resuming: whatever it draws from torch's RNG, an uninterrupted run drew too
         if self.resume_from is not None:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from editrl import grpo, sde
 from editrl.base import RecipeError, StrictModel
-from editrl.config import GrpoConfig, SamplingConfig, validate_model
+from editrl.config import GrpoConfig, Recipe, SamplingConfig, validate_model
 from editrl.registry import Registry, RegistryError
 from editrl.types import Condition, Trajectory
 
@@ -162,23 +162,28 @@ def _with_kl(pg: grpo.LossOutput, kl: Tensor | None, beta: float, raw_ratio: Ten
     return grpo.LossOutput(loss, pg.ratio, pg.clipped, pg.approx_kl, extra, raw_ratio=raw_ratio)
 
 
-def build_objective(g: GrpoConfig, s: SamplingConfig) -> Objective:
-    """The recipe's objective (`grpo.loss` with `grpo.loss_options`); a RecipeError line for anything unusable."""
+def build_objective(recipe: Recipe) -> Objective:
+    """The recipe's objective (`grpo.loss` with `grpo.loss_options`); a RecipeError line for anything unusable. Its
+    options are validated (and a loss function tried) once, then kept on the recipe."""
+    g, s = recipe.grpo, recipe.sampling
     try:
         found = LOSSES.get(g.loss)
     except RegistryError as e:
         raise RecipeError(f"grpo.loss: {e}") from None
+    options = recipe.plugin_options("grpo.loss", None)
     if isinstance(found, type):
         missing = [m for m in ("Options", "keeps_latents", "keeps_means", "after_rollout", "loss") if not hasattr(found, m)]
         if missing:
             raise RecipeError(f"grpo.loss: {g.loss} is a class without the Objective members {', '.join(missing)} "
                               "(editrl.objectives.Objective), nor a loss function")
-        return found(validate_model(found.Options, g.loss_options, "grpo.loss_options."), g, s)
+        options = options or recipe.keep_options("grpo.loss", validate_model(found.Options, g.loss_options, "grpo.loss_options."))
+        return found(options, g, s)
     if not callable(found):
         raise RecipeError(f"grpo.loss: {g.loss} is a {type(found).__name__}, not a loss function or an Objective class")
-    validate_model(NoOptions, g.loss_options, "grpo.loss_options.")
-    _check_loss_fn(found, g)
-    return Likelihood(found, NoOptions(), g, s)
+    if options is None:
+        options = recipe.keep_options("grpo.loss", validate_model(NoOptions, g.loss_options, "grpo.loss_options."))
+        _check_loss_fn(found, g)
+    return Likelihood(found, options, g, s)
 
 
 def _check_loss_fn(fn: Callable[..., Any], g: GrpoConfig) -> None:

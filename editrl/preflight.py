@@ -135,17 +135,11 @@ def check(recipe: Recipe, check_paths: bool = True) -> None:
     for where, name in plugin_names(recipe):
         check_source(name, where, recipe.run.plugins)
     _sde_kind(recipe)
-    build_objective(recipe.grpo, recipe.sampling)
+    build_objective(recipe)
     policy_cls = _lookup(POLICIES, recipe.policy.name, "policy.name")
     _callable(policy_cls, recipe.policy.name, "policy.name", "policy")
     if options_model(policy_cls) is not None:
-        validate_model(policy_cls.Options, recipe.policy.options, "policy.options.")
-    d = recipe.distributed
-    if d.backend == "deepspeed" and d.zero_stage == 3 and recipe.policy.options.get("compile"):
-        raise RecipeError(
-            "policy.options.compile: compiled DiT blocks cannot run under ZeRO-3, which gathers each layer's shards "
-            "inside the blocks: use distributed.zero_stage=2, or policy.options.compile=false"
-        )
+        recipe.keep_options("policy", validate_model(policy_cls.Options, recipe.policy.options, "policy.options."))
     pc = recipe.policy
     if pc.warm_start is not None:
         if pc.init_from is None:
@@ -163,7 +157,7 @@ def check(recipe: Recipe, check_paths: bool = True) -> None:
         cls = _lookup(DATASETS, src.kind, f"data.{split}.kind")
         _callable(cls, src.kind, f"data.{split}.kind", "dataset")
         if options_model(cls) is not None:
-            validate_model(cls.Options, src.options, f"data.{split}.options.")
+            recipe.keep_options(f"data.{split}", validate_model(cls.Options, src.options, f"data.{split}.options."))
     missing = _data(recipe, "") if check_paths else []
     if missing:
         raise RecipeError(missing[0])
@@ -178,7 +172,7 @@ def check(recipe: Recipe, check_paths: bool = True) -> None:
         _callable(reward, term.name, f"rewards.terms.{i}.name", "reward")
         opts = options_model(reward)
         if opts is not None:
-            validate_model(opts, term.options, f"rewards.terms.{i}.options.")
+            recipe.keep_options(f"rewards.terms.{i}", validate_model(opts, term.options, f"rewards.terms.{i}.options."))
 
 
 def check_reward_inputs(recipe: Recipe) -> None:
@@ -208,9 +202,10 @@ def preflight(recipe: Recipe) -> list[str]:
         else:
             sft = load_sft_recipe(pc.warm_start, pc.warm_start_overrides, check_paths=False)
             problems += _data(sft, f"policy.warm_start ({pc.warm_start}): ")
-    problems += [f"policy ({pc.name}): {p}" for p in _hook(POLICIES.get(pc.name), pc.options)]
+    problems += [f"policy ({pc.name}): {p}" for p in _hook(POLICIES.get(pc.name), recipe.plugin_options("policy", pc.options))]
     for i, term in enumerate(recipe.rewards.terms):
-        problems += [f"rewards.terms.{i} ({term.key}): {p}" for p in _hook(REWARDS.get(term.name), term.options)]
+        options = recipe.plugin_options(f"rewards.terms.{i}", term.options)
+        problems += [f"rewards.terms.{i} ({term.key}): {p}" for p in _hook(REWARDS.get(term.name), options)]
     return problems
 
 
@@ -219,8 +214,8 @@ def _data(recipe: Recipe, prefix: str) -> list[str]:
     problems = []
     for split in ("train", "eval"):
         src = getattr(recipe.data, split)
-        options = options_model(DATASETS.get(src.kind)) if src is not None else None
-        check_fn = getattr(options.model_validate(src.options), "check", None) if options is not None else None
+        options = recipe.plugin_options(f"data.{split}", None) if src is not None else None
+        check_fn = getattr(options, "check", None)
         if check_fn is None:
             continue
         try:
@@ -273,9 +268,7 @@ def check_device(name: str, key: str) -> None:
         raise RecipeError(problem)
 
 
-def _hook(plugin: Any, options: dict[str, Any]) -> list[str]:
+def _hook(plugin: Any, options: Any) -> list[str]:
+    """A plugin's `preflight(options)`, given its options as the recipe's check validated them."""
     hook = getattr(plugin, "preflight", None)
-    if hook is None:
-        return []
-    model = getattr(plugin, "Options", None)
-    return list(hook(model.model_validate(options) if model is not None else options))
+    return [] if hook is None else list(hook(options))

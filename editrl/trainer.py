@@ -20,9 +20,9 @@ from torch import Tensor
 
 from editrl import grpo, sde
 from editrl.objectives import TrainedStep, build_objective
-from editrl.base import RecipeError, TrainingError
+from editrl.base import TrainingError
 from editrl.checkpoint import checkpoint_steps, find_checkpoint
-from editrl.config import Layout, Recipe, derive_layout
+from editrl.config import Layout, Recipe
 from editrl.evaluate import ORACLE_COLUMNS, YARDSTICKS, EvalReport, ode_editor, recipe_rewards, save_grid
 from editrl.policy import modules_for_training
 from editrl.harness import Harness, Timer, derive_seed
@@ -75,16 +75,13 @@ class Trainer(Harness):
 
     def build(self) -> None:
         recipe = self.recipe
-        self.layout: Layout = derive_layout(recipe, self.backend.world_size)
+        self.layout: Layout = recipe.layout
+        if self.layout.world_size != self.backend.world_size:
+            raise TrainingError(f"the recipe was laid out for {self.layout.world_size} rank(s), the backend has "
+                                f"{self.backend.world_size}: read the recipe in the process that trains it")
         self.rewards: RewardSet = recipe_rewards(recipe)
         self.sigmas = sde.sigma_schedule(recipe.sampling.steps, recipe.sampling.shift)
-        self.objective = build_objective(recipe.grpo, recipe.sampling)
-        d = recipe.distributed
-        if recipe.grpo.resample_tied and d.backend == "deepspeed" and d.zero_stage == 3 and not d.rollout_gather:
-            raise RecipeError(
-                "grpo.resample_tied rolls extra groups out on some ranks only, which ZeRO-3's per-layer gathers cannot "
-                "follow: set distributed.rollout_gather=true or grpo.resample_tied=0"
-            )
+        self.objective = build_objective(recipe)
         self._last_rollouts: Rollouts | None = None
         self.warned: set[str] = set()  # rewards whose invalid scores were reported
         self.yardsticks: dict[str, EvalReport] | None = None  # the eval split's copy and ceiling, scored once

@@ -410,10 +410,13 @@ def test_compile_is_refused_under_zero3_and_off_by_default_there() -> None:
     assert policy_from_recipe(load_recipe("toy", zero3)).options.compile is False  # auto: off under ZeRO-3
 
 
-def test_ema_is_refused_under_zero3() -> None:
+def test_ema_is_refused_under_zero3_set_by_the_deepspeed_json(tmp_path: Path) -> None:
+    """The recipe refuses EMA with its own zero_stage=3 (test_config); a DeepSpeed JSON can ask for stage 3 too."""
     from editrl.distributed import make_backend
 
-    rec = load_recipe("toy", ["distributed.backend=deepspeed", "distributed.zero_stage=3", "optim.ema.enabled=true"])
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    rec = load_recipe("toy", ["distributed.backend=deepspeed", f"distributed.config={tmp_path / 'ds.json'}",
+                              "optim.ema.enabled=true"])
     with pytest.raises(RecipeError, match="optim.ema: not available with ZeRO-3"):
         make_backend(rec)
 
