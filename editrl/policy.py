@@ -61,6 +61,8 @@ class Policy(Protocol):
 OPTIONAL: dict[str, str] = {
     "Options": "a StrictModel of the recipe's policy.options; without it they come as a dict, unchecked",
     "preflight": "classmethod (options) -> list[str]: what `--dry-run` reports missing; without it: nothing missing",
+    "job_phases": "classmethod (options) -> keys of editrl.monitor.PHASES the policy announces while it is built (a "
+                  "tiny preset it builds), numbered in `editrl train`'s list of phases; without it: none",
     "modules_for_training": "() -> modules whose train()/eval() follow the update, and that DeepSpeed shards: without "
                             "it no mode switches, and distributed.backend=deepspeed is refused",
     "device": "where the policy computes (the held-out evaluation's metrics): without it the recipe's run.device",

@@ -36,7 +36,11 @@ def load_recipe(
 
     `check_paths=False` skips data and init paths (a checkpoint's recipe, read back only to rebuild the policy).
     """
-    recipe = parse_recipe(source, overrides, model)
+    return checked(parse_recipe(source, overrides, model), overrides, check_paths)
+
+
+def checked(recipe: Recipe, overrides: list[str] | tuple[str, ...] = (), check_paths: bool = True) -> Recipe:
+    """A parsed recipe (`parse_recipe`, with these `overrides`) cross-checked against its plugins and paths."""
     trust_typed(recipe, overrides)
     check(recipe, check_paths)
     return recipe

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import math
-import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -21,12 +20,11 @@ from torch import Tensor
 from editrl import grpo, sde
 from editrl.objectives import TrainedStep, build_objective
 from editrl.base import TrainingError
-from editrl.checkpoint import checkpoint_steps, find_checkpoint
 from editrl.config import Layout, Recipe
 from editrl.evaluate import ORACLE_COLUMNS, YARDSTICKS, EvalReport, ode_editor, recipe_rewards, save_grid
 from editrl.policy import modules_for_training
 from editrl.harness import Harness, Timer, derive_seed
-from editrl.monitor import console, skipped
+from editrl.monitor import console
 from editrl.reward import RewardSet, reward_batch
 from editrl.rollout import plan_steps, rollout
 from editrl.types import Condition, EditSample, RewardOutput, Trajectory
@@ -66,12 +64,6 @@ class Trainer(Harness):
     """Edit-GRPO: groups of rollouts scored by the recipe's rewards, group-relative advantages, a clipped update."""
 
     label, phase, eval_phase = "Edit-GRPO", "grpo", "eval"
-
-    def make_init(self, resume: bool) -> None:
-        if self.recipe.policy.warm_start and not resume:
-            if self.backend.is_main:  # one process builds it; the other ranks wait, then load it
-                warm_start(self.recipe)
-            self.backend.barrier()
 
     def build(self) -> None:
         recipe = self.recipe
@@ -368,6 +360,9 @@ class Trainer(Harness):
         if t.sample_every and self.step % t.sample_every == 0 and self._last_rollouts is not None:
             self.logger.save_samples(self.step, self._last_rollouts.samples, self._last_rollouts.edited.cpu())
 
+    def counted(self, metrics: dict[str, float]) -> list[str]:
+        return [k for k in metrics if k == "samples/trained" or (k.startswith("reward/") and k.endswith("/invalid"))]
+
     def progress_note(self, metrics: dict[str, float]) -> str:
         return f"reward {metrics.get('reward/weighted/mean', float('nan')):.3f}"
 
@@ -408,45 +403,7 @@ def _done(value: Any) -> cf.Future:
     return f
 
 
-def warm_start(recipe: Recipe) -> Path:
-    """Make `policy.init_from` with the `policy.warm_start` SFT recipe, unless a finished one is there.
-
-    Several runs (a sweep's variants and seeds) share one warm start: a file lock lets the first build it,
-    and an interrupted warm start resumes from its own checkpoint. It always runs as a single process.
-    """
-    from filelock import FileLock, Timeout
-    from rich.markup import escape
-
-    from editrl.data.synth import prepare_synthetic
-    from editrl.distributed import LocalBackend
-    from editrl.sft import SftTrainer
-    from editrl.preflight import load_sft_recipe
-
-    pc = recipe.policy
-    out = Path(pc.init_from)  # type: ignore[arg-type]
-    sft = load_sft_recipe(pc.warm_start, [*pc.warm_start_overrides, f"run.output_dir={out}"])  # type: ignore[arg-type]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(out) + ".lock")
-    try:
-        lock.acquire(timeout=0)
-        lock.release()
-    except Timeout:  # another run of a sweep builds it: say so, then wait for it (it is shared, not built twice)
-        console.print(f"[yellow]note[/]: waiting for another process that builds the warm start {escape(str(out))}",
-                      highlight=False)
-    with lock:
-        try:
-            done = json.loads((find_checkpoint(out) / "state.json").read_text())["step"] >= sft.train.steps
-        except FileNotFoundError:
-            done = False
-        prepare_synthetic(recipe, *([] if done else [sft]))  # the job's data in one phase, before the SFT phase
-        if done:
-            skipped("sft", f"{out} holds a finished warm start ({sft.train.steps} steps)")
-        else:
-            resume = bool(checkpoint_steps(out / "checkpoints"))
-            SftTrainer(sft, resume=resume, backend=LocalBackend(sft.optim)).fit()
-    return out
-
-
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, accept_changes: bool = False) -> Path:
-    """Run a recipe to its last step (or continue it with `resume`); returns the run directory."""
-    return Trainer(recipe, resume=resume, overwrite=overwrite, accept_changes=accept_changes).fit()
+    """Edit-GRPO on a recipe to its last step (or continue it with `resume`); returns the run directory. The whole job,
+    a warm start included, is `editrl.job.run`."""
+    return Trainer(recipe, resume=resume, overwrite=overwrite, accept_changes=accept_changes).fit().run_dir

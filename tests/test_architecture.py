@@ -105,7 +105,7 @@ LAYERS = [
     {"sde", "grpo", "metrics"},  # the maths: pure tensor functions
     {"policy", "reward", "objectives", "data.base", "preflight"},  # what plugins implement; a recipe's checks against them
     {"data.manifest", "data.prompts", "data.scenes", "data.procedural", "data.synth"},  # datasets
-    {"harness", "checkpoint", "distributed", "rollout", "evaluate", "sft", "trainer", "summary", "sentinel"},  # the loop
+    {"harness", "checkpoint", "distributed", "rollout", "evaluate", "sft", "trainer", "summary", "sentinel", "job"},  # the loop
     {"commands", "cli", "inference", "export", "judge", "audit", "sweep", "data.cli", "__main__"},  # commands: the console's owner
 ]
 

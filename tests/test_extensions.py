@@ -4,6 +4,7 @@ edits in training and in `editrl eval`."""
 
 from __future__ import annotations
 
+import json
 import csv
 import math
 import os
@@ -198,3 +199,54 @@ def test_a_name_typed_on_the_command_line_is_trusted_one_in_a_recipe_file_must_b
             load_recipe("toy", ["grpo.loss=subprocess:Popen"])  # typed or not
     finally:
         sys.path.remove(str(ROOT / "examples" / "custom_loss"))
+
+
+# ---------------------------------------------------------------------------------------------- the pipeline
+
+
+def test_the_job_is_data_then_the_warm_start_then_grpo_with_one_policy_in_memory(tmp_path, monkeypatch):
+    """`editrl train` with a warm start: the phases in the order the stages run, no trainer building another, the SFT
+    policy gone before the Edit-GRPO one is built, and a result that carries what the summary needs."""
+    import gc
+    import weakref
+
+    import editrl.checkpoint as ckpt
+    from editrl import job
+    from editrl.summary import nothing_trained
+
+    warm = ["train.steps=1", "train.eval_every=null", "train.save_every=1", "data.train.options.n=4"]
+    recipe = load_recipe("viva_tiny", [
+        f"run.output_dir={tmp_path / 'grpo'}", "run.threads=null", "train.progress=false", "train.steps=1",
+        "data.train.options.n=4", f"policy.init_from={tmp_path / 'sft'}", "policy.warm_start=viva_sft_tiny",
+        f"policy.warm_start_overrides={json.dumps(warm)}"])
+    assert job.phases(recipe, resume=False) == ["data", "preset", "sft", "grpo"]
+    assert job.phases(recipe, resume=True) == ["data", "preset", "grpo"]  # a resumed run made its warm start already
+    built, build = [], ckpt.policy_from_recipe
+
+    def counted(*a: Any, **k: Any) -> Any:
+        gc.collect()
+        alive = sum(ref() is not None for ref in built)
+        policy = build(*a, **k)
+        built.append(weakref.ref(policy))
+        counted.alive.append(alive)
+        return policy
+
+    counted.alive = []
+    monkeypatch.setattr(ckpt, "policy_from_recipe", counted)
+    import editrl.harness
+    monkeypatch.setattr(editrl.harness, "policy_from_recipe", counted)
+    result = job.run(recipe)
+    assert len(built) == 2 and counted.alive == [0, 0]  # SFT's, then Edit-GRPO's, never both
+    assert result.run_dir == tmp_path / "grpo" and result.step == 1 and result.totals["samples/trained"] > 0
+    assert nothing_trained(result) is None
+    again = job.run(recipe, overwrite=True)  # the warm start is found finished: not trained again
+    assert len(built) == 3 and again.step == 1
+
+
+def test_run_totals_survive_a_resume(toy_overrides):
+    from editrl.trainer import Trainer as T
+
+    first = T(load_recipe("toy", toy_overrides + ["train.steps=1", "train.save_every=1"])).fit()
+    resumed = T(load_recipe("toy", toy_overrides + ["train.steps=2"]), resume=True).fit()
+    assert first.totals["samples/trained"] > 0
+    assert resumed.totals["samples/trained"] > first.totals["samples/trained"]  # both steps, not the second alone

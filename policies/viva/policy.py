@@ -132,6 +132,11 @@ class VivaPolicy(LoraPolicy):
         self.configure_denoiser(options)
 
     @classmethod
+    def job_phases(cls, options: VivaOptions) -> list[str]:
+        """The tiny preset is built (or found cached) as a phase of `editrl train`."""
+        return ["preset"] if options.preset else []
+
+    @classmethod
     def preflight(cls, options: VivaOptions) -> list[str]:
         """The weights this policy would load that are not here (dry runs); the tiny preset's parts are built locally."""
         given = {k: getattr(options, k) for k in ("vlm", "dit", "vae") if getattr(options, k) is not None}
