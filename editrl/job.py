@@ -44,9 +44,14 @@ def phases(recipe: Recipe, resume: bool) -> list[str]:
     evaluations."""
     keys = ["data"] if any(d is not None and d.kind == "synthetic" for d in (recipe.data.train, recipe.data.eval)) else []
     policy = POLICIES.get(recipe.policy.name)
-    keys += getattr(policy, "job_phases", lambda options: [])(recipe.plugin_options("policy", recipe.policy.options))
-    if warm_start_recipe(recipe, resume) is not None:
-        keys.append("sft")
+    built = list(getattr(policy, "job_phases", lambda options: [])(recipe.plugin_options("policy", recipe.policy.options)))
+    sft = warm_start_recipe(recipe, resume)
+    if sft is None:
+        keys += built
+    elif warm_start_done(sft):  # skipped: the policy is first built for Edit-GRPO
+        keys += ["sft", *built]
+    else:
+        keys += [*built, "sft"]
     keys.append("grpo")
     if recipe.data.eval is not None and recipe.train.eval_every is not None:
         keys.append("eval")

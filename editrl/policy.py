@@ -160,7 +160,7 @@ class LoraPolicy:
 
     Options: ClassVar[type[StrictModel]]
     default_lora_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
-    default_attention: ClassVar[str] = "native"  # what `attention: auto` means for this policy's denoiser
+    default_attention: ClassVar[str] = "native"  # what `attention: auto` means for this policy's denoiser, where it runs
     adapter_file: ClassVar[str] = "adapter.safetensors"
     extra_file: ClassVar[str] = "trainable.safetensors"
 
@@ -175,7 +175,9 @@ class LoraPolicy:
 
     def configure_denoiser(self, options: DenoiserOptions) -> None:
         """The attention backend, and the repeated blocks compiled (lazily: the first call traces them, LoRA included)."""
-        name = self.default_attention if options.attention == "auto" else options.attention
+        name = options.attention
+        if name == "auto":  # the policy's default where it runs (a CUDA kernel on a GPU), else torch's own choice
+            name = self.default_attention if attention_problem(self.default_attention, self.device) is None else "native"
         problem = attention_problem(name, self.device)
         if problem:
             raise RecipeError(f"policy.options.attention={name}: {problem}")

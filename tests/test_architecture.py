@@ -148,6 +148,8 @@ def test_plugins_never_import_the_loop():
 # `editrl export` writes a LoRA in diffusers' format: it works on LoraPolicy's members (its denoiser, adapter, extra
 # modules) and refuses any other policy in one line.
 LORA_POLICY_ONLY = {"editrl.export"}
+# In the schema, `self.policy` is the recipe's policy section (PolicyConfig), not a policy.
+SCHEMA = {"editrl.config"}
 
 
 def policy_members_used() -> dict[str, set[str]]:
@@ -160,7 +162,7 @@ def policy_members_used() -> dict[str, set[str]]:
 
     out: dict[str, set[str]] = {}
     for name, path in modules().items():
-        if layer_of(name) is None or name in LORA_POLICY_ONLY:
+        if layer_of(name) is None or name in LORA_POLICY_ONLY | SCHEMA:
             continue
         used = set()
         for node in ast.walk(ast.parse(path.read_text())):

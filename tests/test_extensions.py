@@ -239,7 +239,8 @@ def test_the_job_is_data_then_the_warm_start_then_grpo_with_one_policy_in_memory
     assert len(built) == 2 and counted.alive == [0, 0]  # SFT's, then Edit-GRPO's, never both
     assert result.run_dir == tmp_path / "grpo" and result.step == 1 and result.totals["samples/trained"] > 0
     assert nothing_trained(result) is None
-    again = job.run(recipe, overwrite=True)  # the warm start is found finished: not trained again
+    assert job.phases(recipe, resume=False) == ["data", "sft", "preset", "grpo"]  # the finished warm start is skipped
+    again = job.run(recipe, overwrite=True)  # ... and not trained again
     assert len(built) == 3 and again.step == 1
 
 
