@@ -67,7 +67,7 @@ class ImageEditPolicy(LoraPolicy):
     preset_name: ClassVar[str]  # the policy's registered name, and its tiny preset's
     # Subfolder of the pipeline -> the file that shows it is there (for dry runs).
     components: ClassVar[dict[str, str]]
-    pipeline_class: ClassVar[Any]  # the diffusers pipeline whose static pack/unpack/ids helpers the policy uses
+    pipeline_class: Any  # the diffusers pipeline class whose static pack/unpack/ids helpers the policy uses
     default_attention: ClassVar[str] = "native"
 
     options: ImageEditOptions
@@ -231,10 +231,10 @@ class ImageEditPolicy(LoraPolicy):
         return self.pipeline_class._pack_latents(z, b, c, h, w)
 
     def unpack(self, tokens: Tensor, like: Tensor) -> Tensor:
-        """Tokens back to latents shaped as `like` (B, c, h, w) (the pipelines' `_unpack_latents`, without their detour
-        through pixel sizes)."""
-        b, c, h, w = like.shape
-        return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        """Tokens back to latents shaped as `like` (B, c, h, w), by the pipeline's own `_unpack_latents`."""
+        scale = self.vae_scale_factor
+        height, width = like.shape[-2] * scale, like.shape[-1] * scale
+        return self.pipeline_class._unpack_latents(tokens, height, width, scale).reshape(like.shape)
 
     # ------------------------------------------------------------------ sampling
 
