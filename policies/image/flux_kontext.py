@@ -59,6 +59,7 @@ class FluxKontextPolicy(ImageEditPolicy):
         self.text_encoder = self.frozen(self.load("text_encoder", "CLIPTextModel", CLIPTextModel.from_pretrained, dtype=dtype))
         self.text_encoder_2 = self.frozen(self.load("text_encoder_2", "T5EncoderModel", T5EncoderModel.from_pretrained, dtype=dtype))
         self.vae = self.frozen(self.load("vae", "AutoencoderKL", AutoencoderKL.from_pretrained))
+        check("pretrained (vae)", self.vae.config.shift_factor is not None, "the VAE has no shift_factor: not FLUX's VAE")
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         dit = self.load("transformer", "FluxTransformer2DModel", FluxTransformer2DModel.from_pretrained, torch_dtype=dtype)
         z = self.vae.config.latent_channels

@@ -15,8 +15,9 @@ edits, and the rewards that score them, could not vary.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -88,33 +89,57 @@ def _fit_images() -> tuple[torch.Tensor, torch.Tensor]:
     return data[:split].contiguous(), data[split:].contiguous()
 
 
-def _build_qwen(directory: Path) -> None:
+@dataclass(frozen=True)
+class QwenSpec:
+    """The configs of a Qwen-Image-Edit pipeline's parts (the tiny preset's, or benchmarks/scale.py's real ones)."""
+
+    dit: dict[str, Any]  # QwenImageTransformer2DModel
+    vae: dict[str, Any]  # AutoencoderKLQwenImage
+    vlm_text: dict[str, Any]  # Qwen2.5-VL text config (without vocab and token ids)
+    vlm_vision: dict[str, Any]
+    processor: dict[str, Any]  # Qwen2VLImageProcessorPil
+
+
+@dataclass(frozen=True)
+class FluxSpec:
+    """The configs of a FLUX.1-Kontext pipeline's parts."""
+
+    dit: dict[str, Any]  # FluxTransformer2DModel
+    vae: dict[str, Any]  # AutoencoderKL
+    clip: dict[str, Any]  # CLIPTextConfig (without vocab and token ids)
+    t5: dict[str, Any]  # T5Config (idem)
+
+
+TINY_QWEN = QwenSpec(TINY_QWEN_DIT, TINY_QWEN_VAE, TINY_VLM["qwen2_5_vl"]["text"],
+                     dict(TINY_VLM["qwen2_5_vl"]["vision"], patch_size=TINY_QWEN_PROCESSOR["patch_size"]), TINY_QWEN_PROCESSOR)
+TINY_FLUX = FluxSpec(TINY_FLUX_DIT, TINY_FLUX_VAE, TINY_CLIP, TINY_T5)
+Save = Callable[[str, Callable[[], torch.nn.Module]], None]  # (subfolder, model factory): build it and save it there
+
+
+def write_qwen(directory: Path, spec: QwenSpec, save: Save) -> None:
+    """A Qwen-Image-Edit pipeline folder: the processor (a local tokenizer and the PIL image processor) written here,
+    the models through `save`."""
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     processor = directory / "processor"
     vocab = _build_tokenizer(processor, pad_token="<|endoftext|>", eos_token="<|im_end|>")
-    Qwen2VLImageProcessorPil(**TINY_QWEN_PROCESSOR).save_pretrained(processor)
+    Qwen2VLImageProcessorPil(**spec.processor).save_pretrained(processor)
     ids = {t: SPECIAL_TOKENS.index(t) for t in SPECIAL_TOKENS}
-    spec = TINY_VLM["qwen2_5_vl"]
     config = Qwen2_5_VLConfig(
-        text_config=dict(spec["text"], vocab_size=vocab, pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
-        vision_config=dict(spec["vision"], patch_size=TINY_QWEN_PROCESSOR["patch_size"]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        text_config=dict(spec.vlm_text, vocab_size=vocab, pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
+        vision_config=spec.vlm_vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
     # As the real repo stores it: the whole VLM with its LM head (the policy loads only what it reads).
-    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(directory / "text_encoder")
-    QwenImageTransformer2DModel(**TINY_QWEN_DIT).save_pretrained(directory / "transformer")
-    (directory / "vae").mkdir()
-    train, held = (x[:, :, None] for x in _fit_images())  # the 3D VAE takes one-frame videos
-    vae, z = _prefit(lambda: AutoencoderKLQwenImage(**TINY_QWEN_VAE), directory / "vae", (train, held))
-    vae.register_to_config(latents_mean=z.mean(dim=(0, 2, 3, 4)).tolist(), latents_std=z.std(dim=(0, 2, 3, 4)).tolist())
-    vae.save_pretrained(directory / "vae")
+    save("text_encoder", lambda: Qwen2_5_VLForConditionalGeneration(config))
+    save("transformer", lambda: QwenImageTransformer2DModel(**spec.dit))
+    save("vae", lambda: AutoencoderKLQwenImage(**spec.vae))
 
 
-def _build_flux(directory: Path) -> None:
+def write_flux(directory: Path, spec: FluxSpec, save: Save) -> None:
+    """A FLUX.1-Kontext pipeline folder: CLIP and T5 tokenizers learnt locally, the models through `save`."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -122,22 +147,48 @@ def _build_flux(directory: Path) -> None:
         directory / "tokenizer", CLIP_TOKENS, "<|startoftext|> $A <|endoftext|>",
         bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=77,
     )
-    CLIPTextModel(CLIPTextConfig(**TINY_CLIP, vocab_size=clip_vocab, bos_token_id=0, eos_token_id=1, pad_token_id=1)).save_pretrained(
-        directory / "text_encoder"
-    )
     t5_vocab = _build_tokenizer(
         directory / "tokenizer_2", T5_TOKENS, "$A </s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
         model_max_length=512,
     )
-    T5EncoderModel(T5Config(**TINY_T5, vocab_size=t5_vocab, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).save_pretrained(
-        directory / "text_encoder_2"
-    )
-    FluxTransformer2DModel(**TINY_FLUX_DIT).save_pretrained(directory / "transformer")
-    (directory / "vae").mkdir()
-    vae, z = _prefit(lambda: AutoencoderKL(**TINY_FLUX_VAE), directory / "vae", _fit_images())
+    clip = CLIPTextConfig(**spec.clip, vocab_size=clip_vocab, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    t5 = T5Config(**spec.t5, vocab_size=t5_vocab, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    save("text_encoder", lambda: CLIPTextModel(clip))
+    save("text_encoder_2", lambda: T5EncoderModel(t5))
+    save("transformer", lambda: FluxTransformer2DModel(**spec.dit))
+    save("vae", lambda: AutoencoderKL(**spec.vae))
+
+
+def _tiny(directory: Path, fit: Callable[[Callable[[], Any], Path], Any]) -> Save:
+    """The tiny presets' `save`: on the CPU in float32; the VAE pre-fitted by `fit` first."""
+
+    def save(sub: str, make: Callable[[], torch.nn.Module]) -> None:
+        if sub == "vae":
+            (directory / sub).mkdir()
+            fit(make, directory / sub)
+        else:
+            make().save_pretrained(directory / sub)
+
+    return save
+
+
+def _fit_qwen_vae(make: Callable[[], Any], directory: Path) -> None:
+    """Pre-fitted on one-frame videos; its per-channel latent mean and std measured on the fit images."""
+    train, held = (x[:, :, None] for x in _fit_images())  # the 3D VAE takes one-frame videos
+    vae, z = _prefit(make, directory, (train, held))
+    vae.register_to_config(latents_mean=z.mean(dim=(0, 2, 3, 4)).tolist(), latents_std=z.std(dim=(0, 2, 3, 4)).tolist())
+    vae.save_pretrained(directory)
+
+
+def _fit_flux_vae(make: Callable[[], Any], directory: Path) -> None:
+    """Pre-fitted on images; its shift and scale (FLUX's convention) make the fit images' latents zero-mean, unit-variance."""
+    vae, z = _prefit(make, directory, _fit_images())
     vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1 / z.std()))
-    vae.save_pretrained(directory / "vae")
+    vae.save_pretrained(directory)
 
 
-BUILDERS: dict[str, Callable[[Path], None]] = {"qwen_image_edit": _build_qwen, "flux_kontext": _build_flux}
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    "qwen_image_edit": lambda d: write_qwen(d, TINY_QWEN, _tiny(d, _fit_qwen_vae)),
+    "flux_kontext": lambda d: write_flux(d, TINY_FLUX, _tiny(d, _fit_flux_vae)),
+}
 
