@@ -8,11 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import typer
 from test_device_loop import watch
-from typer.testing import CliRunner
+from test_viva_hunyuan import cli
 
-from editrl import commands, inference
 from editrl.checkpoint import load_checkpoint
 from editrl.config import LoraOptions
 from editrl.monitor import read_metrics
@@ -71,15 +69,6 @@ def velocity(p, cond, x=None, sigma=0.6):
     x = p.init_noise(cond, torch.Generator().manual_seed(1)) if x is None else x
     with torch.no_grad():
         return p.velocity(x, torch.full((x.shape[0],), sigma), cond)
-
-
-def cli(*args, code=0):
-    app = typer.Typer()
-    commands.register(app)
-    inference.register(app)
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, result.output
-    return result
 
 
 def run_args(run_dir, steps):
