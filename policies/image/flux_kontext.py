@@ -65,7 +65,7 @@ class FluxKontextPolicy(ImageEditPolicy):
         z = self.vae.config.latent_channels
         check("pretrained (transformer)", dit.config.in_channels == 4 * z, f"the DiT takes {dit.config.in_channels} channels, 4 x the VAE's {z} packed")
         self.setup_denoiser(dit, device)
-        self._ids: dict[tuple[int, int], Tensor] = {}
+        self._ids: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ VAE
 
@@ -103,15 +103,17 @@ class FluxKontextPolicy(ImageEditPolicy):
 
     # ------------------------------------------------------------------ velocity
 
-    def ids(self, h: int, w: int) -> Tensor:
-        """Position ids of the noisy tokens then the source's (first coordinate 1), as the pipeline builds them."""
-        if (h, w) not in self._ids:
+    def ids(self, h: int, w: int, text_len: int) -> tuple[Tensor, Tensor]:
+        """Position ids of the text (all zero), and of the noisy tokens then the source's (first coordinate 1), as the
+        pipeline builds them; made once per geometry."""
+        if (h, w, text_len) not in self._ids:
             make = self.pipeline_class._prepare_latent_image_ids
             latent = make(1, h // 2, w // 2, self.device, self.dtype)
             image = make(1, h // 2, w // 2, self.device, self.dtype)
             image[..., 0] = 1
-            self._ids[h, w] = torch.cat([latent, image])
-        return self._ids[h, w]
+            text = torch.zeros(text_len, 3, device=self.device, dtype=self.text_encoder_2.dtype)
+            self._ids[h, w, text_len] = text, torch.cat([latent, image])
+        return self._ids[h, w, text_len]
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Condition) -> Tensor:
         latents = self.pack(x.to(self.dtype))
@@ -126,11 +128,10 @@ class FluxKontextPolicy(ImageEditPolicy):
         guidance = None
         if self.denoiser.config.guidance_embeds:
             guidance = torch.full((hidden.shape[0],), self.options.embedded_guidance, device=self.device, dtype=torch.float32)
-        text_ids = torch.zeros(text.shape[1], 3, device=self.device, dtype=text.dtype)
+        text_ids, image_ids = self.ids(x.shape[-2], x.shape[-1], text.shape[1])
         v = self.run_denoiser(
             hidden_states=hidden, timestep=timestep, guidance=guidance, pooled_projections=pooled.to(self.dtype),
-            encoder_hidden_states=text.to(self.dtype), txt_ids=text_ids, img_ids=self.ids(*x.shape[-2:]),
-            return_dict=False,
+            encoder_hidden_states=text.to(self.dtype), txt_ids=text_ids, img_ids=image_ids, return_dict=False,
         )[0][:, : latents.shape[1]]
         if cfg:
             v = self.guide(*v.chunk(2), self.guidance_scale, rescale=False)
