@@ -105,9 +105,8 @@ QWEN_ROPE = {"rope_type": "default", "rope_theta": 1e6}
 
 SCALES: dict[str, Scale] = {
     # The H200 probe's configuration (/work/shared/device/h200-probe): Wan2.1-T2V-1.3B DiT (1.42B parameters),
-    # the Wan2.1 VAE, Qwen2.5-VL-7B widths. Warm-up 0: the probe's first default step was 4% slower than its
-    # second (172 s against 165 s, encode 3.7 s against 0.4 s), and 8 minutes of H200 hold 2 default + 2 fast
-    # steps at the ~60 s expected after the fixes (~200 s with setup and floor), not 3 + 3 at the probe's 165 s.
+    # the Wan2.1 VAE, Qwen2.5-VL-7B widths. Warm-up 1: on CUDA the policy compiles its DiT blocks during its first
+    # calls (tens of seconds), which a timed step must not include.
     "paper": Scale(
         dit=dict(WAN_DIT, num_attention_heads=12, attention_head_dim=128, text_dim=4096, ffn_dim=8960, num_layers=30),
         vae={},
@@ -116,7 +115,7 @@ SCALES: dict[str, Scale] = {
         vlm_vision=dict(depth=4, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                         fullatt_block_indexes=[3], window_size=112, patch_size=14),
         vlm_layers=4, image_side=448, frames=33, size=(240, 416), text_len=512,
-        group=4, batch=8, micro_batch=4, sampling_steps=20, lora_rank=32, dtype="bfloat16", warmup=0,
+        group=4, batch=8, micro_batch=4, sampling_steps=20, lora_rank=32, dtype="bfloat16", warmup=1,
         policy_options={"decode_dtype": "bfloat16", "decode_chunk": 4},  # one VAE call per rollout chunk
     ),
     # The same structure shrunk to about a minute on 2 CPU cores: a Wan DiT with Wan's patching (4 layers of 4 heads
@@ -331,9 +330,44 @@ def seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
     return min(times)
 
 
+def model_flops(model: torch.nn.Module, forward: Callable[[], Any], loss: Callable[[], torch.Tensor]) -> tuple[float, float]:
+    """(forward, forward+backward) FLOPs of `forward()` and of `loss().backward()` (a scalar from one call of `model`),
+    counted by torch's FlopCounterMode with gradient checkpointing off: model FLOPs, the recomputation a checkpointed
+    backward adds is not counted. (`backward`, not `autograd.grad`: the counter's module hooks refuse the latter.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = getattr(model, "gradient_checkpointing", False)
+    model.gradient_checkpointing = False  # diffusers models check this flag at every call
+    try:  # compiled regions run eagerly here: their kernels would hide their operations from the counter
+        with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as fwd:
+            forward()
+        with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as both:
+            loss().backward()
+    finally:
+        model.gradient_checkpointing = was
+        for q in model.parameters():
+            q.grad = None
+    return float(fwd.get_total_flops()), float(both.get_total_flops())
+
+
+def dense_peak_tflops(device: torch.device) -> float:
+    """The device's dense matmul rate measured here, the denominator of "fraction of the card": 8192^3 GEMMs in bf16
+    on CUDA (about 790 TFLOP/s on an H200), 1024^3 in float32 on a CPU."""
+    cuda = device.type == "cuda"
+    n, dtype, chain = (8192, torch.bfloat16, 20) if cuda else (1024, torch.float32, 4)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+
+    def gemms() -> None:
+        for _ in range(chain):
+            torch.mm(a, b)
+
+    return 2 * n**3 * chain / seconds(gemms, device, 3) / 1e12
+
+
 def floor(trainer: Any, repeats: int) -> dict[str, float]:
     """The trainer's DiT alone on one micro-batch of the step's shapes: forward, and forward+backward; and the
-    whole `policy.velocity` call the rollout makes (refiner + DiT), which tells policy overhead from engine overhead."""
+    whole `policy.velocity` call the rollout makes (refiner + DiT), which tells policy overhead from engine overhead.
+    Also the DiT's model FLOPs for both (LoRA included), from which the phases' TFLOP/s follow."""
     p, mb, g = trainer.policy, trainer.layout.micro_batch_size, trainer.recipe.grpo.group_size
     requests = [trainer.train_data[i] for i in range(mb // g)]
     dit = p.denoiser
@@ -342,66 +376,66 @@ def floor(trainer: Any, repeats: int) -> dict[str, float]:
         x = p.init_noise(cond, torch.Generator().manual_seed(0))
         dit_in = p.fuse(x, cond["source"], cond.get("reference")).to(p.dtype)
     timestep = torch.full((mb,), 500.0, device=trainer.device)
-    # The refiner's output shape (its values do not change the DiT's cost).
+    # The refiner's output shape (its values do not change the DiT's cost); it needs gradients as the trained
+    # refiner's output does, so that compiled blocks run the graphs the engine runs.
     text = torch.randn(mb, p.options.text_len, dit.config.text_dim, device=trainer.device, dtype=p.dtype)
-    trained = [q for q in dit.parameters() if q.requires_grad]
+    text.requires_grad_("refiner" in p.options.trainable)
 
-    def forward() -> torch.Tensor:
+    def call() -> torch.Tensor:
         return dit(dit_in, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
 
+    return time_dit(trainer, call, x, cond, repeats)
+
+
+def time_dit(trainer: Any, call: Callable[[], torch.Tensor], x: torch.Tensor, cond: Any, repeats: int) -> dict[str, float]:
+    """The floor's measurements of one micro-batch: `call()` (the DiT alone on the step's inputs) forward, and
+    forward+backward to the trainable parameters, the whole `policy.velocity(x, ., cond)` call, and the DiT's model
+    FLOPs for both (LoRA included)."""
+    p, mb = trainer.policy, x.shape[0]
+    dit = p.denoiser
+    trained = [q for q in dit.parameters() if q.requires_grad]
+
+    def forward() -> torch.Tensor:  # as the rollout runs it: compiled, on the training graph (editrl.policy.training_graph)
+        with torch.set_grad_enabled(p.compiled):
+            return call().detach()
+
+    def loss() -> torch.Tensor:
+        return call().float().mean()
+
     def forward_backward() -> None:  # autograd.grad: the same work as backward, leaving no .grad behind
-        torch.autograd.grad(forward().float().mean(), trained)
+        # (allow_unused: the last block's text stream of an MMDiT reaches no output, so its LoRA gets no gradient)
+        torch.autograd.grad(loss(), trained, allow_unused=True)
 
     sigma = torch.full((mb,), 0.5, device=trainer.device)
+    fwd = seconds(forward, trainer.device, repeats)
     with torch.no_grad():
-        fwd = seconds(forward, trainer.device, repeats)
         velocity = seconds(lambda: p.velocity(x, sigma, cond), trainer.device, repeats)
     dit.train()  # the train phase's mode (checkpointing itself applies whenever gradients are on)
     try:
         fwd_bwd = seconds(forward_backward, trainer.device, repeats)
+        flops_fwd, flops_fwd_bwd = model_flops(dit, forward, loss)
     finally:
         dit.eval()
-    return {"batch": mb, "dit_forward_s": fwd, "dit_forward_backward_s": fwd_bwd, "velocity_s": velocity}
+    return {"batch": mb, "dit_forward_s": fwd, "dit_forward_backward_s": fwd_bwd, "velocity_s": velocity,
+            "dit_forward_flops": flops_fwd, "dit_forward_backward_flops": flops_fwd_bwd}
 
 
 def image_floor(trainer: Any, repeats: int) -> dict[str, float]:
-    """`floor` for a policy that calls its DiT through `run_denoiser` (the image editors): the DiT's own inputs are
-    captured from one `policy.velocity` call on a micro-batch of the step's shapes, then the DiT alone is timed on
-    them (forward; forward+backward to the trainable parameters), and the whole `policy.velocity` call."""
+    """`floor` for the image editors, whose DiT inputs (the packed noisy and source tokens, position ids, text mask)
+    the policy builds inside `velocity`: they are captured from one `velocity` call on a micro-batch of the step's
+    shapes (a forward pre-hook on the DiT), then timed as `floor` times its own."""
     p, mb, g = trainer.policy, trainer.layout.micro_batch_size, trainer.recipe.grpo.group_size
     requests = [trainer.train_data[i] for i in range(mb // g)]
     captured: dict[str, Any] = {}
-
-    def capture(**kwargs: Any) -> Any:
-        captured.update(kwargs)
-        return p.denoiser(**kwargs)
-
-    sigma = torch.full((mb,), 0.5, device=trainer.device)
     with torch.no_grad():
         cond = p.encode(requests).repeat_interleave(g)
         x = p.init_noise(cond, torch.Generator().manual_seed(0))
-        p.run_denoiser = capture
+        hook = p.denoiser.register_forward_pre_hook(lambda module, args, kwargs: captured.update(kwargs), with_kwargs=True)
         try:
-            p.velocity(x, sigma, cond)
+            p.velocity(x, torch.full((mb,), 0.5, device=trainer.device), cond)
         finally:
-            del p.run_denoiser
-    trained = [q for q in p.denoiser.parameters() if q.requires_grad]
-
-    def forward() -> torch.Tensor:
-        return p.denoiser(**captured)[0]
-
-    def forward_backward() -> None:  # the last MMDiT block's text stream reaches no output: its LoRA has no gradient
-        torch.autograd.grad(forward().float().mean(), trained, allow_unused=True)
-
-    with torch.no_grad():
-        fwd = seconds(forward, trainer.device, repeats)
-        velocity = seconds(lambda: p.velocity(x, sigma, cond), trainer.device, repeats)
-    p.denoiser.train()
-    try:
-        fwd_bwd = seconds(forward_backward, trainer.device, repeats)
-    finally:
-        p.denoiser.eval()
-    return {"batch": mb, "dit_forward_s": fwd, "dit_forward_backward_s": fwd_bwd, "velocity_s": velocity}
+            hook.remove()
+    return time_dit(trainer, lambda: p.denoiser(**captured)[0], x, cond, repeats)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -429,6 +463,12 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             per_train = fl["dit_forward_backward_s"] + (fl["dit_forward_s"] if grpo["beta"] > 0 else 0.0)
             expected = {"rollout": chunks * sampling_steps * fl["dit_forward_s"], "train": micro * trained * per_train}
             row["expected"] = expected
+            if "dit_forward_flops" in fl:  # the phases' DiT model FLOPs over their seconds, and over the card's rate
+                per_train_flops = fl["dit_forward_backward_flops"] + (fl["dit_forward_flops"] if grpo["beta"] > 0 else 0.0)
+                flops = {"rollout": chunks * sampling_steps * fl["dit_forward_flops"], "train": micro * trained * per_train_flops}
+                row["tflops"] = {k: v / mean[k] / 1e12 for k, v in flops.items()}
+                if results.get("peak_tflops"):
+                    row["card_fraction"] = {k: v / results["peak_tflops"] for k, v in row["tflops"].items()}
             row["measured_over_expected"] = {k: mean[k] / v for k, v in expected.items()}
             row["rollout_over_velocity_calls"] = mean["rollout"] / (chunks * sampling_steps * fl["velocity_s"])
         out[name] = row
@@ -473,6 +513,8 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         built = build(scale, vlm_layers, root / "models", args.device)  # type: ignore[arg-type]
         results.update(params_m=built["params_m"], build_s=time.perf_counter() - t0)
         tree = make_recipe(scale, built["paths"], root, args.device, args.threads)  # type: ignore[arg-type]
+        if args.compile is not None:
+            tree["policy"]["options"]["compile"] = args.compile == "true"
         results["recipe"] = tree
         recipe_path = root / "recipe.yaml"
         recipe_path.write_text(yaml.safe_dump(tree, sort_keys=False))
@@ -485,7 +527,9 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             sched: dict[str, Any] = {"overrides": overrides, "setup_s": time.perf_counter() - t0, "steps": []}
             results["schedules"][name] = sched
             if "floor" not in results:  # once, on the first trainer's DiT (same models and shapes for both)
+                results["compiled"] = bool(getattr(trainer.policy, "compiled", False))
                 results["floor"] = measure_floor(trainer, repeats=5)
+                results["peak_tflops"] = dense_peak_tflops(device)
                 save()
                 console.log("floor: " + ", ".join(f"{k} {v:.4g}" for k, v in results["floor"].items()))
             if device.type == "cuda":
@@ -494,7 +538,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 synchronize(device)
                 metrics = trainer.train_step()
                 synchronize(device)
-                row = {k: v for k, v in metrics.items() if k.startswith(("time/", "sde/", "train/"))}
+                row = {k: v for k, v in metrics.items() if k.startswith(("time/", "sde/", "train/", "ratio/"))}
                 row["warmup"] = i < warmup
                 sched["steps"].append(row)
                 sched["peak_memory_gib"] = peak_memory_gib(device)
@@ -514,8 +558,9 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 def report(results: dict[str, Any], console: Console) -> str:
     """Tables of seconds per phase and of the floor; returns the last line."""
     summary, names = results["summary"], list(results["schedules"])
-    console.print(f"scale={results['scale']} on {results['device_name']} ({results['threads']} threads): mean of "
-                  f"{results['steps']} timed steps per schedule after {results['warmup']} warm-up")
+    console.print(f"scale={results['scale']} on {results['device_name']} ({results['threads']} threads, DiT blocks "
+                  f"{'compiled' if results.get('compiled') else 'eager'}): mean of {results['steps']} timed steps per "
+                  f"schedule after {results['warmup']} warm-up")
     table = Table("seconds / step", *names)
     for key in (*PHASES, "step", "model"):
         label = "model compute" if key == "model" else key
@@ -531,14 +576,22 @@ def report(results: dict[str, Any], console: Console) -> str:
                   f"{fl['dit_forward_backward_s']:.4f} s; policy.velocity (refiner + DiT) {fl['velocity_s']:.4f} s")
     floor_table = Table("", *names)
 
-    def add(label: str, values: list[float]) -> None:
-        floor_table.add_row(label, *(f"{v:.2f}" for v in values))
+    def add(label: str, values: list[float], fmt: str = ".2f") -> None:
+        floor_table.add_row(label, *(f"{v:{fmt}}" for v in values))
 
     for key in ("rollout", "train"):
         add(f"{key} expected s", [summary[n]["expected"][key] for n in names])
         add(f"{key} measured/expected", [summary[n]["measured_over_expected"][key] for n in names])
     add("rollout / its velocity calls", [summary[n]["rollout_over_velocity_calls"] for n in names])
+    for key in ("rollout", "train"):
+        if all("tflops" in summary[n] for n in names):
+            add(f"{key} DiT TFLOP/s", [summary[n]["tflops"][key] for n in names], ".3g")
+        if all("card_fraction" in summary[n] for n in names):
+            add(f"{key} / card's dense rate", [summary[n]["card_fraction"][key] for n in names])
     console.print(floor_table)
+    if results.get("peak_tflops"):
+        console.print(f"the card's dense rate, measured here: {results['peak_tflops']:.3g} TFLOP/s "
+                      f"({'bf16' if results['device'].startswith('cuda') else 'float32'} GEMMs)")
     return (f"scale={results['scale']} device={results['device']} model-compute share: "
             f"default {summary['default']['share']:.2f}, fast {summary['fast']['share']:.2f}; "
             f"step ratio fast/default {summary['step_ratio']:.2f}")
@@ -555,6 +608,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT"),
                     help="results.json goes here (default: $OUT, else a new temporary directory)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--compile", choices=["true", "false"], default=None,
+                    help="policy.options.compile (default: the policy's own, on for CUDA)")
     args = ap.parse_args()
     if args.steps < 1:
         ap.error("--steps must be at least 1")

@@ -32,10 +32,14 @@ COMMAND_MODULES = [
     "editrl.inference",
     "editrl.data.cli",
     "editrl.judge",
+    "editrl.export",
 ]
 
 
 def main() -> None:
+    from editrl.monitor import quiet_imports
+
+    quiet_imports()  # before any command imports a plugin (and so bitsandbytes)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(app)
     app()

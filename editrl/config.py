@@ -23,6 +23,15 @@ class LoraOptions(StrictModel):
     targets: list[str] | None = None  # None: the policy's own default targets
 
 
+class WandbOptions(StrictModel):
+    """Weights & Biases, when `run.loggers` names it; `mode: offline` writes the run under RUN/wandb (`wandb sync`)."""
+
+    project: str = "editrl"
+    entity: str | None = None  # None: the logged-in user's default entity
+    group: str | None = None  # None: ungrouped (`editrl sweep` groups its runs by the sweep's name)
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+
 class RunConfig(StrictModel):
     name: str = "run"
     output_dir: str = "runs/${run.name}"
@@ -30,6 +39,9 @@ class RunConfig(StrictModel):
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = torch's default
+    # Where every metric goes besides metrics.jsonl (which is always written).
+    loggers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    wandb: WandbOptions = Field(default_factory=WandbOptions)
 
 
 class PolicyConfig(StrictModel):

@@ -3,6 +3,7 @@ run from its recipe, resumes, saves and fits it the same way for both."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import shutil
 import time
@@ -20,9 +21,10 @@ from editrl.checkpoint import find_checkpoint, load_training_state, policy_from_
 from editrl.config import Recipe, dump_recipe
 from editrl.data.base import EditDataset, build_dataset
 from editrl.distributed import make_backend
-from editrl.monitor import Bar, RunLogger, announce, console, progress
+from editrl.monitor import WANDB_ID, Bar, RunLogger, announce, console, progress
 from editrl.preflight import device_problems
 from editrl.sentinel import Sentinel, save_best
+from editrl.types import EditSample
 
 
 def derive_seed(*parts: int) -> int:
@@ -40,6 +42,10 @@ class DataCursor:
         self.size, self.seed, self.shuffle, self.position = size, seed, shuffle, position
         self._epoch, self._order = -1, torch.arange(size)
 
+    def peek(self, n: int) -> list[int]:
+        """The next `n` indices, without moving the cursor."""
+        return DataCursor(self.size, self.seed, self.shuffle, self.position).take(n)
+
     def take(self, n: int) -> list[int]:
         out = []
         for _ in range(n):
@@ -51,6 +57,29 @@ class DataCursor:
             out.append(int(self._order[i]))
             self.position += 1
         return out
+
+
+class Prefetcher:
+    """The next step's requests read and decoded in a background thread while this step computes: at video sizes a
+    request's clips take a large share of a second to decode, which the device would otherwise wait for."""
+
+    def __init__(self, data: EditDataset) -> None:
+        self.data = data
+        self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="data")
+        self.pending: dict[int, cf.Future] = {}
+
+    def get(self, indices: list[int]) -> list[EditSample]:
+        """The samples at `indices`: prefetched ones from the thread (its errors raised here), others read now."""
+        return [self.pending.pop(i).result() if i in self.pending else self.data[i] for i in indices]
+
+    def prefetch(self, indices: list[int]) -> None:
+        for i in indices:
+            if i not in self.pending:
+                self.pending[i] = self.pool.submit(self.data.__getitem__, i)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pending.clear()
 
 
 class Timer:
@@ -105,12 +134,12 @@ def start_process(recipe: Recipe, seed: int, resume: bool, overwrite: bool = Fal
 
 
 # Outputs of a run, removed when a fresh run starts writing in its directory (so nothing of the old one mixes in).
-RUN_OUTPUTS = ("checkpoints", "tensorboard", "samples", "eval", "metrics.jsonl", "recipe.yaml", "sentinel.log",
-               "before_after.png")
+RUN_OUTPUTS = ("checkpoints", "tensorboard", "wandb", WANDB_ID, "samples", "eval", "metrics.jsonl", "recipe.yaml",
+               "sentinel.log", "before_after.png")
 # Recipe keys a resumed run may change (with a note): when and what it logs and saves, how long it runs, where.
-RESUME_SAFE = ("run.name", "run.output_dir", "run.threads", "train.steps", "train.log_every", "train.save_every",
-               "train.eval_every", "train.sample_every", "train.keep_checkpoints", "train.progress", "train.sentinel",
-               "grpo.async_rewards", "distributed.rollout_gather")
+RESUME_SAFE = ("run.name", "run.output_dir", "run.threads", "run.loggers", "run.wandb", "train.steps", "train.log_every",
+               "train.save_every", "train.eval_every", "train.sample_every", "train.keep_checkpoints", "train.progress",
+               "train.sentinel", "grpo.async_rewards", "distributed.rollout_gather")
 # Keys the checkpoint itself fixes (the model, its adapter, the optimiser's state): never changed by a resume.
 RESUME_FIXED = ("policy.name", "policy.options", "optim.lora", "optim.lr", "optim.betas", "optim.eps",
                 "optim.weight_decay", "optim.ema.enabled", "distributed.backend", "distributed.zero_stage")
@@ -211,6 +240,7 @@ class Harness:
             build_dataset(recipe.data.eval.kind, recipe.data.eval.options) if recipe.data.eval else None
         )
         self.cursor = DataCursor(len(self.train_data), recipe.run.seed, recipe.data.shuffle)
+        self.loader = Prefetcher(self.train_data)
         self.step = 0
         self.sentinel = Sentinel(recipe.train.sentinel) if recipe.train.sentinel else None
         if self.sentinel is not None and (self.eval_data is None or recipe.train.eval_every is None):
@@ -224,7 +254,7 @@ class Harness:
             dump_recipe(recipe, self.run_dir / "recipe.yaml")
         self.logger = RunLogger(
             self.run_dir, enabled=self.backend.is_main, start_step=self.step, log_every=recipe.train.log_every,
-            label=self.label, total=recipe.train.steps, headline=self.headline,
+            label=self.label, total=recipe.train.steps, headline=self.headline, recipe=recipe.model_dump(mode="json"),
         )
 
     # ------------------------------------------------------------------ what a loop adds
@@ -328,6 +358,7 @@ class Harness:
                     bar.update(self.step, self.progress_note(metrics))
         finally:
             self.close()
+            self.loader.close()
             self.logger.close()
         self.finish()
         return self.run_dir

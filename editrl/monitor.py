@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -133,7 +134,12 @@ LIBRARY_LOG = "libraries.log"
 # The libraries editrl drives whose notices are meant for their own developers: bitsandbytes (imported by peft)
 # reports an optional CPU kernel it cannot load, DeepSpeed (imported by accelerate inside transformers'
 # save_pretrained when it is installed) reports the accelerator it picked, transformers logs a load report.
-LIBRARIES = ("transformers", "diffusers", "huggingface_hub", "peft", "bitsandbytes", "accelerate", "DeepSpeed")
+LIBRARIES = ("transformers", "diffusers", "huggingface_hub", "peft", "bitsandbytes", "kernels", "accelerate", "DeepSpeed")
+# Those that speak when they are imported, wherever that happens (a plugin imported while a recipe is read, before any
+# run's log is open): bitsandbytes, imported by peft, pyiqa and diffusers, asks `kernels` for an optional CPU kernel
+# from the hub and reports that it could not have it ("Failed to load CPU gemm_4bit_forward ...", and, with
+# HF_HUB_OFFLINE=1, kernels' "Skipping publisher trust check ...").
+IMPORT_TIME_LIBRARIES = ("bitsandbytes", "kernels")
 
 
 class _LibrarySink(logging.Handler):
@@ -161,6 +167,14 @@ class _ToSink(logging.Filter):
 
 
 _SINK, _TO_SINK = _LibrarySink(), _ToSink()
+
+
+def quiet_imports() -> None:
+    """From now on in this process, IMPORT_TIME_LIBRARIES log only to libraries.log (while one is open; their errors
+    still reach the console). The command line calls it first, before anything imports them."""
+    for name in IMPORT_TIME_LIBRARIES:
+        log = logging.getLogger(name)
+        log.handlers, log.propagate = [_SINK], False
 
 
 @contextmanager
@@ -237,9 +251,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 GRPO_HEADLINE = {"reward/weighted/mean": "reward {:.3f}", "eval/total": "held-out total {:.3f}", "time/step": "{:.2f} s/step"}
 
 
+WANDB_ID = "wandb-run-id"  # in the run directory: a resumed run continues its W&B run
+
+
 class RunLogger:
-    """metrics.jsonl and TensorBoard get every metric; the console gets one line per `log_every` steps (and per
-    evaluation) naming the phase and showing only the `headline` metrics."""
+    """metrics.jsonl and the recipe's other `loggers` (TensorBoard, Weights & Biases) get every metric; the console gets
+    one line per `log_every` steps (and per evaluation) naming the phase and showing only the `headline` metrics.
+
+    `recipe` (the resolved recipe as plain data) names the loggers (`run.loggers`, `run.wandb`) and is W&B's config."""
 
     def __init__(
         self,
@@ -250,6 +269,7 @@ class RunLogger:
         label: str = "Edit-GRPO",
         total: int | None = None,
         headline: dict[str, str] | None = None,
+        recipe: dict[str, Any] | None = None,
     ) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
@@ -258,6 +278,7 @@ class RunLogger:
         self.headline = GRPO_HEADLINE if headline is None else headline
         self.metrics_path = run_dir / "metrics.jsonl"
         self._tb: Any = None
+        self._wandb: Any = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -265,9 +286,14 @@ class RunLogger:
         rows = [r for r in read_metrics(self.metrics_path) if r["step"] <= start_step]
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self._file = self.metrics_path.open("a")
-        from torch.utils.tensorboard import SummaryWriter
+        run = (recipe or {}).get("run", {})
+        loggers = run.get("loggers", ["tensorboard"])
+        if "tensorboard" in loggers:
+            from torch.utils.tensorboard import SummaryWriter
 
-        self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        if "wandb" in loggers:
+            self._wandb = _start_wandb(run_dir, run.get("wandb", {}), recipe or {}, resume=start_step > 0)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -275,9 +301,14 @@ class RunLogger:
         row = {"step": step, "time": time.time(), **{k: _clean(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        for key, value in metrics.items():
-            if math.isfinite(value):
-                self._tb.add_scalar(key, value, step)
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            # Every key metrics.jsonl has; a resumed run re-logs the steps past its checkpoint with the same values,
+            # which W&B keeps once.
+            self._wandb.log(dict(metrics), step=step)
         if step % self.log_every == 0 or any(k.startswith("eval/") for k in metrics):
             console.print(self.line(step, metrics), highlight=False)
 
@@ -306,7 +337,28 @@ class RunLogger:
     def close(self) -> None:
         if self.enabled:
             self._file.close()
-            self._tb.close()
+            if self._tb is not None:
+                self._tb.close()
+            if self._wandb is not None:
+                import wandb
+
+                self._wandb.finish()
+                wandb.teardown()  # waits until W&B's service has written (or uploaded) all of the run
+
+
+def _start_wandb(run_dir: Path, options: dict[str, Any], recipe: dict[str, Any], resume: bool) -> Any:
+    """A W&B run (under RUN/wandb) with the recipe as its config; on resume, the run this directory started. Its own
+    console output is off: the run's console stays editrl's."""
+    import wandb
+
+    id_file = run_dir / WANDB_ID
+    run_id = id_file.read_text().strip() if resume and id_file.is_file() else secrets.token_hex(4)
+    id_file.write_text(run_id)
+    return wandb.init(
+        project=options.get("project"), entity=options.get("entity"), group=options.get("group"),
+        mode=options.get("mode", "online"), name=recipe.get("run", {}).get("name"), id=run_id, resume="allow",
+        config=recipe, dir=str(run_dir), settings=wandb.Settings(silent=True, console="off"),
+    )
 
 
 def _clean(v: float) -> float | None:

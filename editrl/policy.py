@@ -1,22 +1,27 @@
-"""The policy contract: a flow-matching model with trainable parts, seen by the engine through 8 calls.
+"""The policy contract: a flow-matching model with trainable parts.
 
 `Policy` is the protocol the trainer relies on. `LoraPolicy` is an optional base class that implements
 the LoRA half of it (trainable parameters, reference model, save/load) with peft for any policy whose
-denoiser is a diffusers model, so a new model only writes encode / init_noise / velocity / decode.
+denoiser is a diffusers model, so a new model only writes encode / init_noise / velocity / decode. It also runs
+the denoiser at the card's pace (docs/performance.md): the adapter path in the model's dtype, the repeated blocks
+compiled (`DenoiserOptions.compile`) and the attention backend of the recipe's choice (`DenoiserOptions.attention`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Iterator, Literal, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from editrl.base import StrictModel
+from editrl.base import RecipeError, StrictModel
 from editrl.config import LoraOptions
 from editrl.types import Condition, EditSample
 
@@ -57,15 +62,76 @@ class Reconstructs(Protocol):
         """(B, T, C, H, W) pixels in [0, 1], encoded and decoded: the same shape back, on the policy's device."""
 
 
+# `DenoiserOptions.attention` -> diffusers' attention dispatcher backend (diffusers.models.attention_dispatch).
+# The torch SDPA kernels need no package: `native` lets torch pick (cuDNN on an H100/H200), the others force one.
+ATTENTION_BACKENDS = {
+    "native": "native", "cudnn": "_native_cudnn", "flash": "_native_flash", "efficient": "_native_efficient",
+    "math": "_native_math", "flash_attn": "flash", "flash_attn_3": "_flash_3",
+}
+_CUDA_ONLY = ("cudnn", "flash", "efficient", "flash_attn", "flash_attn_3")
+_PACKAGES = {"flash_attn": "flash_attn", "flash_attn_3": "flash_attn_interface"}
+
+
+class DenoiserOptions(StrictModel):
+    """How the denoiser runs, for every `LoraPolicy` (a policy's `Options` subclass this); docs/performance.md."""
+
+    # Regional compilation of the DiT's repeated blocks (diffusers' compile_repeated_blocks). None: on for CUDA, off
+    # elsewhere (on a CPU the compile costs more than it saves at the sizes that run there).
+    compile: bool | None = None
+    attention: Literal["auto", "native", "cudnn", "flash", "efficient", "math", "flash_attn", "flash_attn_3"] = "auto"
+
+
+def attention_problem(name: str, device: torch.device) -> str | None:
+    """Why attention backend `name` cannot run on `device` here (one line), or None."""
+    package = _PACKAGES.get(name)
+    if package and importlib.util.find_spec(package) is None:
+        return f"needs the {package} package, which is not installed: pip install it, or use native / flash"
+    if name in _CUDA_ONLY and device.type != "cuda":
+        return f"the {name} kernels run on CUDA GPUs only (run.device is {device}): use native"
+    return None
+
+
+class CastLinear(nn.Linear):
+    """A LoRA factor whose float32 weight is cast to the activations' dtype inside the forward.
+
+    The weight stays the float32 parameter Adam updates (a master copy that keeps small steps), while the matmul runs
+    in the model's dtype: peft would instead cast every activation to float32 and back, which cost half of each DiT
+    call in bf16 (docs/performance.md). Casting a rank-r factor is tiny; autograd casts its gradient back to float32.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+def training_graph(velocity: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Decorates a `LoraPolicy`'s `velocity`: once compiled, it always runs the graph the update runs (gradients on,
+    the output detached when called without them). Inductor compiles a training graph's forward and an inference graph
+    into different kernels whose bf16 roundings differ, so a rollout on the inference graph would not get the
+    log-probabilities the update recomputes: the on-policy ratio must be exactly 1. Eager calls are unchanged."""
+
+    @functools.wraps(velocity)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Tensor:
+        if not self.compiled or torch.is_grad_enabled():
+            return velocity(self, *args, **kwargs)
+        with torch.enable_grad():
+            return velocity(self, *args, **kwargs).detach()
+
+    return call
+
+
 class LoraPolicy:
     """LoRA on `self.denoiser` (a diffusers `ModelMixin`), plus any fully trainable `extra_trainable` modules.
 
-    Subclasses set `Options` (a StrictModel with their recipe options), `default_lora_targets`, build their
-    modules in `__init__(options, device, dtype)` and call `self.add_lora(lora)` when training with LoRA.
+    Subclasses set `Options` (a StrictModel with their recipe options, subclassing `DenoiserOptions`),
+    `default_lora_targets`, build their modules in `__init__(options, device, dtype)`, end it with
+    `self.configure_denoiser(options)`, decorate `velocity` with `@training_graph`, and call `self.add_lora(lora)`
+    when training with LoRA.
     """
 
     Options: ClassVar[type[StrictModel]]
     default_lora_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
+    default_attention: ClassVar[str] = "native"  # what `attention: auto` means for this policy's denoiser
     adapter_file: ClassVar[str] = "adapter.safetensors"
     extra_file: ClassVar[str] = "trainable.safetensors"
 
@@ -75,19 +141,52 @@ class LoraPolicy:
 
     def __init__(self) -> None:
         self.has_lora = False
+        self.compiled = False
         self.extra_trainable: dict[str, nn.Module] = {}
+
+    def configure_denoiser(self, options: DenoiserOptions) -> None:
+        """The attention backend, and the repeated blocks compiled (lazily: the first call traces them, LoRA included)."""
+        name = self.default_attention if options.attention == "auto" else options.attention
+        problem = attention_problem(name, self.device)
+        if problem:
+            raise RecipeError(f"policy.options.attention={name}: {problem}")
+        if name != "native":
+            self.denoiser.set_attention_backend(ATTENTION_BACKENDS[name])  # type: ignore[operator]
+        if options.compile if options.compile is not None else self.device.type == "cuda":
+            # A dropout of probability 0 is the identity in both modes, but a compiled graph guards on the mode: as
+            # nn.Identity, the rollout (eval mode) and the update (train mode) share one graph per block.
+            for parent in list(self.denoiser.modules()):
+                for name, child in parent.named_children():
+                    if isinstance(child, nn.Dropout) and child.p == 0:
+                        setattr(parent, name, nn.Identity())
+            # Each mode a DiT call runs in (adapter on or off, inputs that need gradients or not, a batch size) is one
+            # graph per block class, shared by all its blocks; past the limit (8) torch would fall back to eager silently.
+            config, key = torch._dynamo.config, "recompile_limit"
+            key = key if hasattr(config, key) else "cache_size_limit"  # its name before torch 2.7
+            setattr(config, key, max(getattr(config, key), 32))
+            self.denoiser.compile_repeated_blocks(fullgraph=True)  # type: ignore[operator]
+            self.compiled = True
 
     def add_lora(self, lora: LoraOptions) -> None:
         from peft import LoraConfig
+        from peft.tuners.lora import LoraLayer
 
         targets = lora.targets or self.default_lora_targets
         config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
         self.denoiser.requires_grad_(False)
         self.denoiser.add_adapter(config)  # type: ignore[operator]
-        # LoRA weights train in float32 even when the base runs in bf16 (stable Adam updates).
+        # LoRA weights are float32 parameters (stable Adam updates) that run in the model's dtype (CastLinear).
         for p in self.denoiser.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+        for layer in self.denoiser.modules():
+            if not isinstance(layer, LoraLayer):
+                continue
+            factors = [*layer.lora_A.values(), *layer.lora_B.values()]
+            if factors and all(type(f) is nn.Linear for f in factors):  # conv or embedding adapters keep peft's casts
+                for f in factors:
+                    f.__class__ = CastLinear
+                layer.cast_input_dtype_enabled = False
         self.has_lora = True
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -13,6 +13,7 @@ score without source or target videos (its `required` fields, else its `needs`) 
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +68,19 @@ def check(recipe: Recipe, check_paths: bool = True) -> None:
     from editrl.grpo import LOSSES
     from editrl.sde import SDE_KINDS
 
+    if "wandb" in recipe.run.loggers and importlib.util.find_spec("wandb") is None:
+        raise RecipeError("run.loggers: wandb is not installed: pip install 'editrl[wandb]', or drop it")
     _known(SDE_KINDS, recipe.sampling.sde, "sampling.sde", "sde kind")
     _known(LOSSES, recipe.grpo.loss, "grpo.loss", "loss")
     policy_cls = _lookup(POLICIES, recipe.policy.name, "policy.name")
     if options_model(policy_cls) is not None:
         validate_model(policy_cls.Options, recipe.policy.options, "policy.options.")
+    d = recipe.distributed
+    if d.backend == "deepspeed" and d.zero_stage == 3 and recipe.policy.options.get("compile"):
+        raise RecipeError(
+            "policy.options.compile: compiled DiT blocks cannot run under ZeRO-3, which gathers each layer's shards "
+            "inside the blocks: use distributed.zero_stage=2, or policy.options.compile=false"
+        )
     pc = recipe.policy
     if pc.warm_start is not None:
         if pc.init_from is None:

@@ -98,8 +98,15 @@ def reward_batch(samples: list[EditSample], edited: Tensor, needs: set[str] | fr
     device = edited.device
 
     def stack(attr: str) -> Tensor | None:
+        """The samples' videos on the device; a group's members share their request's tensors, so each distinct one
+        is stacked and copied once and repeated there (at video sizes the copies were a step's largest host work)."""
         values = [getattr(s, attr) for s in samples]
-        return torch.stack(values).to(device) if all(v is not None for v in values) else None
+        if any(v is None for v in values):
+            return None
+        distinct = {id(v): v for v in values}
+        slot = {key: i for i, key in enumerate(distinct)}
+        order = torch.tensor([slot[id(v)] for v in values], device=device)
+        return torch.stack(list(distinct.values())).to(device)[order]
 
     return RewardBatch(
         instructions=[s.instruction for s in samples],

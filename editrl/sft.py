@@ -90,7 +90,8 @@ class SftTrainer(Harness):
     def train_step(self) -> dict[str, float]:
         r = self.recipe
         t0 = time.perf_counter()
-        samples = [self.train_data[i] for i in self.cursor.take(r.sft.batch_size)]
+        samples = self.loader.get(self.cursor.take(r.sft.batch_size))
+        self.loader.prefetch(self.cursor.peek(r.sft.batch_size))
         _requires_targets(samples)
         for m in self.policy.modules_for_training():
             m.train()

@@ -77,7 +77,11 @@ def run_summary(run_dir: Path, recipe: Any) -> tuple[list[tuple[str, str]], list
     if (run_dir / "sentinel.log").is_file():
         places.append(("sentinel alarms", _show(run_dir / "sentinel.log")))
     tensorboard = Path(sys.executable).with_name("tensorboard")
-    places.append(("TensorBoard", f"{_show(tensorboard) if tensorboard.is_file() else 'tensorboard'} --logdir {run}/tensorboard"))
+    if "tensorboard" in recipe.run.loggers:
+        places.append(("TensorBoard", f"{_show(tensorboard) if tensorboard.is_file() else 'tensorboard'} --logdir {run}/tensorboard"))
+    if "wandb" in recipe.run.loggers:
+        w = recipe.run.wandb
+        places.append(("W&B", f"wandb sync {run}/wandb/offline-run-* (uploads it)" if w.mode == "offline" else f"project {w.project}"))
     videos = sorted((run_dir / "samples").rglob("*.mp4"))
     places.append(("sample videos", f"{len(videos)} in {run}/samples" if videos else "none (train.sample_every=N saves them)"))
     grid, before_after = run_dir / "eval" / "grid.png", run_dir / "before_after.png"

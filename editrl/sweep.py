@@ -105,8 +105,9 @@ def expand(spec: SweepSpec, base: Path) -> list[Run]:
     for name, extra in variants.items():
         for seed in spec.seeds:
             run_dir = out / name / f"seed_{seed}"
-            overrides = [*spec.overrides, *extra, f"run.seed={seed}", f"run.name={spec.name}-{name}-{seed}",
-                         f"run.output_dir={run_dir}"]
+            # Runs of one sweep share a W&B group (when the recipe logs there), unless the spec names another.
+            overrides = [f"run.wandb.group={spec.name}", *spec.overrides, *extra, f"run.seed={seed}",
+                         f"run.name={spec.name}-{name}-{seed}", f"run.output_dir={run_dir}"]
             try:
                 load_recipe(base, overrides)
             except RecipeError as e:

@@ -95,9 +95,10 @@ class Trainer(Harness):
     def _requests(self) -> list[EditSample]:
         """This rank's requests for the step: the global batch is drawn identically on all ranks, then split."""
         lay = self.layout
-        idx = self.cursor.take(lay.groups_per_step)
-        mine = idx[self.backend.rank * lay.groups_per_rank : (self.backend.rank + 1) * lay.groups_per_rank]
-        return [self.train_data[i] for i in mine]
+        mine = slice(self.backend.rank * lay.groups_per_rank, (self.backend.rank + 1) * lay.groups_per_rank)
+        requests = self.loader.get(self.cursor.take(lay.groups_per_step)[mine])
+        self.loader.prefetch(self.cursor.peek(lay.groups_per_step)[mine])  # the next step's, decoded meanwhile
+        return requests
 
     def collect(self, timer: Timer) -> tuple[Rollouts, list[int]]:
         """Roll out every group of this rank, scoring finished chunks while the next chunk samples."""

@@ -5,18 +5,20 @@ full-reference ones (LPIPS, DISTS, SSIM, ...) compare each edited frame with the
 (preservation). Scores are oriented so that higher is better: a metric where lower is better (LPIPS,
 NIQE) is negated; the metric's own value is kept in `extras["value"]`.
 
-Learned metrics download their weights on first use, which cannot happen offline: the reward then fails
-when it is built (a RecipeError: one line from the CLI), naming the metric, the URL pyiqa wanted and the
-`weights` option that takes a local file.
+Learned metrics download their weights on first use (pyiqa's own, through torch.hub, and the CLIP backbones of
+`laion_aes`, `clipscore`, ... through OpenAI's `clip` package), which cannot happen offline: the reward then fails
+when it is built (a RecipeError: one line from the CLI), naming the metric, the URL it wanted and where the file goes
+(or the `weights` option that takes a local file).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
-import re
+import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from pydantic import Field
@@ -25,11 +27,50 @@ from editrl.base import RecipeError, StrictModel
 from editrl.registry import did_you_mean
 from editrl.types import RewardBatch, RewardOutput
 
-_DOWNLOAD = re.compile(r'Downloading: "([^"]+)"')
-
-
 class _NeedsDownload(Exception):
-    """Raised in place of a download during a dry run's check; args: (url, destination)."""
+    """Raised in place of a download during a dry run's check; args: (url, destination, what to do)."""
+
+
+@contextlib.contextmanager
+def _downloads(refuse: bool) -> Iterator[list[tuple[str, str]]]:
+    """Inside, the weight downloads a pyiqa metric starts (pyiqa's and torch.hub's `download_url_to_file`, OpenAI
+    CLIP's `_download`) are watched: each that fails is listed as (url, destination, how to provide the file), or,
+    with `refuse`, raises `_NeedsDownload` instead of fetching anything. pyiqa's announcements are kept off stdout."""
+    import pyiqa.utils.download_util as pyiqa_download
+
+    failed: list[tuple[str, str, str]] = []
+
+    def watch(original: Callable[..., Any], in_folder: bool, own: bool) -> Callable[..., Any]:
+        def download(url: str, dst: str, *args: Any, **kwargs: Any) -> Any:
+            path = os.path.join(dst, os.path.basename(url)) if in_folder else dst
+            # pyiqa's own weights can come from the `weights` option; a backbone's must be where its library reads it.
+            fix = f"set the reward option `weights: /path/to/{os.path.basename(path)}`" if own else f"put it at {path}"
+            if refuse:
+                raise _NeedsDownload(url, path, fix)
+            try:
+                return original(url, dst, *args, **kwargs)
+            except Exception:
+                failed.append((url, path, fix))
+                raise
+
+        return download
+
+    patches = [(pyiqa_download, "download_url_to_file", False, True), (torch.hub, "download_url_to_file", False, False)]
+    try:
+        from pyiqa.archs.clip_imports import clip  # noqa: F401  (imports `clip` as pyiqa does, without its warning)
+    except ImportError:  # no CLIP here: the metrics that need it say so when they are built
+        pass
+    else:
+        patches.append((importlib.import_module("clip.clip"), "_download", True, False))
+    saved = [(module, name, getattr(module, name)) for module, name, *_ in patches]
+    for module, name, in_folder, own in patches:
+        setattr(module, name, watch(getattr(module, name), in_folder, own))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield failed
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
 
 
 class Iqa:
@@ -59,18 +100,17 @@ class Iqa:
         kwargs = dict(options.metric_options)
         if options.weights is not None:
             kwargs["pretrained_model_path"] = options.weights
-        printed = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(printed):  # pyiqa announces each download on stdout
+        with _downloads(refuse=False) as failed:
+            try:
                 self.metric = pyiqa.create_metric(name, device=torch.device(options.device or "cpu"), **kwargs)
-        except Exception as e:
-            urls = _DOWNLOAD.findall(printed.getvalue())
-            if not urls:
-                raise RecipeError(f"pyiqa metric {name!r} could not be built: {e}") from None
-            raise RecipeError(
-                f"pyiqa metric {name!r} needs weights from {urls[-1]}, which cannot be fetched ({e}); "
-                f"download that file elsewhere and set the reward option `weights: /path/to/{urls[-1].rsplit('/', 1)[-1]}`"
-            ) from None
+            except Exception as e:
+                if not failed:
+                    raise RecipeError(f"pyiqa metric {name!r} could not be built: {e}") from None
+                url, _, fix = failed[-1]
+                raise RecipeError(
+                    f"pyiqa metric {name!r} needs weights from {url}, which cannot be fetched ({e}); "
+                    f"download that file elsewhere and {fix}"
+                ) from None
         self.metric.eval()
         self.full_reference = self.metric.metric_mode == "FR"
         self.sign = -1.0 if self.metric.lower_better else 1.0
@@ -82,7 +122,6 @@ class Iqa:
         with downloads refused, so a dry run never fetches anything."""
         try:
             import pyiqa
-            import pyiqa.utils.download_util as download
         except ImportError:
             return ["the iqa reward needs pyiqa: pip install 'editrl[iqa]'"]
         from pyiqa.default_model_configs import DEFAULT_CONFIGS
@@ -92,28 +131,23 @@ class Iqa:
         if options.weights is not None and not Path(options.weights).expanduser().is_file():
             return [f"weights file {options.weights} of pyiqa metric {options.metric!r} does not exist"]
 
-        def refuse(url: str, dst: str, *args: Any, **kwargs: Any) -> None:
-            raise _NeedsDownload(url, dst)
-
         kwargs = dict(options.metric_options)
         if options.weights is not None:
             kwargs["pretrained_model_path"] = str(Path(options.weights).expanduser())
         import huggingface_hub.constants as hub
 
-        saved = download.download_url_to_file, torch.hub.download_url_to_file, hub.HF_HUB_OFFLINE
-        download.download_url_to_file = torch.hub.download_url_to_file = refuse
-        hub.HF_HUB_OFFLINE = True  # backbones fetched from the hub (timm) fail at once instead of retrying
+        offline, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True  # backbones from the hub (timm) fail at once, no retries
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
+            with _downloads(refuse=True):
                 pyiqa.create_metric(options.metric, device=torch.device("cpu"), **kwargs)
         except _NeedsDownload as e:
-            url, dst = e.args
-            hint = " (or anywhere, with the reward option `weights: /path/to/it`)" if "pyiqa" in str(dst) else ""
+            url, dst, fix = e.args
+            hint = " (or anywhere, with the reward option `weights: /path/to/it`)" if "weights" in fix else ""
             return [f"pyiqa metric {options.metric!r} needs {url}, which is not at {dst}: download it there{hint}"]
         except Exception as e:
             return [f"pyiqa metric {options.metric!r} cannot be built: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"]
         finally:
-            download.download_url_to_file, torch.hub.download_url_to_file, hub.HF_HUB_OFFLINE = saved
+            hub.HF_HUB_OFFLINE = offline
         return []
 
     def _frames(self, video: torch.Tensor) -> torch.Tensor:

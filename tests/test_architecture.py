@@ -102,7 +102,7 @@ LAYERS = [
     {"policy", "reward", "data.base", "preflight"},  # what plugins implement, and the checks of a recipe against them
     {"data.manifest", "data.prompts", "data.scenes", "data.procedural", "data.synth"},  # datasets
     {"harness", "checkpoint", "distributed", "rollout", "evaluate", "sft", "trainer", "summary", "sentinel"},  # the loop
-    {"commands", "cli", "inference", "judge", "audit", "sweep", "data.cli", "__main__"},  # commands: the console's owner
+    {"commands", "cli", "inference", "export", "judge", "audit", "sweep", "data.cli", "__main__"},  # commands: the console's owner
 ]
 
 

@@ -17,7 +17,7 @@ from editrl import monitor
 EDITRL = Path(sys.executable).with_name("editrl")
 # Lines other libraries print when editrl loads, builds or saves models (peft -> bitsandbytes, accelerate ->
 # DeepSpeed, transformers' and tokenizers' progress bars, transformers' load report).
-NOISE = ("kernels-community", "gemm_4bit", "real_accelerator", "Setting accelerator", "[WARNING]", "Writing model shards",
+NOISE = ("kernels-community", "gemm_4bit", "publisher trust", "real_accelerator", "Setting accelerator", "[WARNING]", "Writing model shards",
          "Loading weights", "LOAD REPORT", "UNEXPECTED", "Pre-processing sequences", "Tokenize words", "Compute merges",
          "it/s]", "Traceback")
 TINY = ["train.steps=2", "train.eval_every=2", "train.save_every=2", "grpo.batch_size=8", "data.train.options.n=4",
@@ -25,9 +25,15 @@ TINY = ["train.steps=2", "train.eval_every=2", "train.save_every=2", "grpo.batch
 TINY_SFT = ["train.steps=2", "train.eval_every=2", "train.save_every=2", "data.train.options.n=4", "data.eval.options.n=4"]
 
 
-def run(args: list[str], cwd: Path) -> str:
-    """A command as a user runs it (wide terminal, so paths stay on one line); its console, stdout and stderr."""
+def run(args: list[str], cwd: Path, offline: bool = False) -> str:
+    """A command as a user runs it (wide terminal, so paths stay on one line); its console, stdout and stderr.
+
+    `offline`: with HF_HUB_OFFLINE=1, as offline clusters run (libraries then say more: "Skipping publisher trust
+    check ...")."""
     env = {**os.environ, "COLUMNS": "250", "EDITRL_TEST_THREADS": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
     out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
     console = out.stdout + out.stderr
     assert out.returncode == 0, console
@@ -63,28 +69,57 @@ def test_quickstart_console_has_phases_numbers_and_a_summary_whose_commands_work
     assert "results.md" in run([*commands["eval"], "--limit", "2"], cwd)
     assert (tmp_path / "run" / "eval" / "grid.png").is_file()
 
-    again = run([*train, f"run.output_dir={tmp_path / 'again'}", "train.steps=1", "train.eval_every=null"], cwd)
+    again = run([*train, f"run.output_dir={tmp_path / 'again'}", "train.steps=1", "train.eval_every=null"], cwd, offline=True)
     assert noise(again) == []
     for line in ("[1/4] tiny preset: skipped, cached in ", "[2/4] synthetic data: skipped, cached in ",
                  f"[3/4] SFT warm start: skipped, {sft} holds a finished warm start"):
         assert line in again, again
 
 
-def test_building_and_loading_models_keeps_library_chatter_in_the_log(tmp_path):
+@pytest.mark.parametrize("offline", [False, True])
+def test_a_run_prints_no_library_line_at_import_or_load(tmp_path, offline):
+    """The toy run imports peft (so bitsandbytes, which asks the hub for a kernel as it is imported) and diffusers."""
+    console = run([str(EDITRL), "train", "toy", "train.steps=1", f"run.output_dir={tmp_path / 'run'}"], tmp_path, offline)
+    assert noise(console) == [], console
+    assert "[1/1] Edit-GRPO: 1 steps" in console
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_library_notices_at_import_go_to_the_log(tmp_path, offline):
+    """bitsandbytes (imported by peft, pyiqa, diffusers' models) asks the hub for a CPU kernel as it is imported, and
+    says it could not have it, wherever the import happens: the command line keeps that off the console from its start."""
+    code = f"""
+from pathlib import Path
+from editrl import monitor
+monitor.quiet_imports()  # what the command line does first
+with monitor.library_log(Path({str(tmp_path)!r}) / "libraries.log"):
+    import peft
+from bitsandbytes.functional import has_avx512bf16
+print("asks the hub" if has_avx512bf16() else "")
+"""
+    console = run([sys.executable, "-c", code], tmp_path, offline)
+    assert console.strip() in ("asks the hub", ""), console
+    if console.strip():  # the CPUs where bitsandbytes wants its kernel: the notice is in the log instead
+        assert "gemm_4bit_forward" in (tmp_path / "libraries.log").read_text()
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_building_and_loading_models_keeps_library_chatter_in_the_log(tmp_path, offline):
     """The noisiest path, the first build of the tiny preset's VLM and DiT (save_pretrained imports DeepSpeed when it
     is installed) and a load back, in a fresh process."""
     code = f"""
 from pathlib import Path
-from transformers import AutoModel
 from editrl import monitor
+monitor.quiet_imports()  # what the command line does first
+from transformers import AutoModel
 from editrl.policies.viva import presets
 out = Path({str(tmp_path)!r})
 with monitor.library_log(out / "libraries.log"), monitor.quiet_libraries():
     presets._build_vlm(out / "vlm", "qwen2_5_vl")
     presets._build_dit(out / "dit")
-    AutoModel.from_pretrained(out / "vlm")
+    AutoModel.from_pretrained(out / "vlm", use_kernels=False)
 """
-    console = run([sys.executable, "-c", code], tmp_path)
+    console = run([sys.executable, "-c", code], tmp_path, offline)
     assert console.strip() == "", console
     assert (tmp_path / "libraries.log").is_file()
 

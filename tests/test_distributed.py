@@ -37,6 +37,8 @@ CASES: dict[str, tuple[str, list[str], tuple[int, ...]]] = {
     # Dynamic sampling: groups left without two scores are redrawn, each on the rank that holds the group.
     "toy_resample_tied": ("toy", COMMON + ['rewards.terms=[{name: "test_distributed:brightness_or_none"}]',
                                           "grpo.resample_tied=2"], STAGES),
+    # Compiled DiT blocks under ZeRO-2 (ZeRO-3 refuses them: test_compile_is_refused_under_zero3).
+    "toy_compiled": ("toy", COMMON + ["policy.options.compile=true", "grpo.beta=0.01"], (2,)),
 }
 # The tiny DiTs' tensors are all below DeepSpeed's persistence threshold (1e5 elements), which would keep
 # them whole on every rank; the comms logger counts the all-gathers.
@@ -196,6 +198,13 @@ def runs(request: Any, tmp_path_factory: Any) -> tuple[str, dict[str, Any], dict
     return _runs(request.param, tmp_path_factory)
 
 
+def _at(ranks: dict[int, list[dict[str, Any]]], stage: int) -> list[dict[str, Any]]:
+    """The rank dumps of one ZeRO stage; a case that does not run the stage skips."""
+    if stage not in ranks:
+        pytest.skip(f"this case does not run ZeRO-{stage}")
+    return ranks[stage]
+
+
 def _flat(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {f"{part}/{k}": v for part, tensors in state.items() for k, v in tensors.items()}
 
@@ -208,7 +217,7 @@ def _flat(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 def test_advantages_match_one_process(runs: Any, stage: int) -> None:
     _, single, ranks, _ = runs
     for step, (expected, _) in enumerate(single["advantages"]):
-        got = torch.cat([r["advantages"][step][0] for r in ranks[stage]])  # rank r holds global groups r, r+1, ...
+        got = torch.cat([r["advantages"][step][0] for r in _at(ranks, stage)])  # rank r holds global groups r, r+1, ...
         # Step 1 sees the same weights, so only the group layout and the seeds matter: identical. Later steps
         # follow weights equal up to float rounding, which advantages amplify: the tiny models' group reward std
         # (~1e-5) is below the 1e-4 in the denominator, so one float32 ulp of reward (~3e-8) moves A by ~3e-4.
@@ -221,7 +230,7 @@ def test_advantages_match_one_process(runs: Any, stage: int) -> None:
 @pytest.mark.parametrize("stage", STAGES)
 def test_loss_and_gradient_match_one_process(runs: Any, stage: int) -> None:
     _, single, ranks, _ = runs
-    for step, (one, two) in enumerate(zip(single["metrics"], ranks[stage][0]["metrics"]), 1):
+    for step, (one, two) in enumerate(zip(single["metrics"], _at(ranks, stage)[0]["metrics"]), 1):
         assert ("train/skipped" in two) == ("train/skipped" in one), step
         if "train/skipped" in one:
             continue
@@ -233,14 +242,14 @@ def test_loss_and_gradient_match_one_process(runs: Any, stage: int) -> None:
         assert two["train/loss"] == pytest.approx(one["train/loss"], abs=2e-4), step
         # The sharp check is the reduced gradient: its norm is taken after DeepSpeed averages the ranks' gradients.
         assert two["train/grad_norm"] == pytest.approx(one["train/grad_norm"], rel=1e-3), step
-    assert all(ranks[stage][0]["metrics"][i] == ranks[stage][1]["metrics"][i] for i in range(3))
+    assert all(_at(ranks, stage)[0]["metrics"][i] == _at(ranks, stage)[1]["metrics"][i] for i in range(3))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
 def test_ranks_agree_on_gathered_weights(runs: Any, stage: int) -> None:
     _, single, ranks, _ = runs
-    first, second = (_flat(r["trained"]) for r in ranks[stage])
+    first, second = (_flat(r["trained"]) for r in _at(ranks, stage))
     assert first.keys() == second.keys() and any("lora" in k for k in first)
     for k in first:
         assert torch.equal(first[k], second[k]), k
@@ -256,7 +265,7 @@ def test_ranks_agree_on_gathered_weights(runs: Any, stage: int) -> None:
 @pytest.mark.slow
 def test_zero3_holds_half_the_dit_per_rank(runs: Any) -> None:
     _, _, ranks, _ = runs
-    for r in ranks[3]:
+    for r in _at(ranks, 3):
         assert 0.45 <= r["held"] <= 0.6, r["held"]
     for r in ranks[2]:
         assert r["held"] == 1.0  # ZeRO-2 shards the optimiser state and gradients, not the weights
@@ -265,7 +274,7 @@ def test_zero3_holds_half_the_dit_per_rank(runs: Any) -> None:
 @pytest.mark.slow
 def test_zero3_rollout_gathers_the_dit_once(runs: Any) -> None:
     recipe, _, ranks, _ = runs
-    once, per_call = ranks[3][0]["gathers"]["once"], ranks[3][0]["gathers"]["per_call"]
+    once, per_call = _at(ranks, 3)[0]["gathers"]["once"], ranks[3][0]["gathers"]["per_call"]
     print(f"\n{recipe}: ZeRO-3 all-gathers for one step's rollouts: gathered once {once}, per layer call {per_call}")
     steps = load_recipe(recipe).sampling.steps
     # Per layer call, every denoising step all-gathers the whole DiT again; gathered once, one DiT's worth in all.
@@ -278,8 +287,9 @@ def test_zero3_rollout_gathers_the_dit_once(runs: Any) -> None:
 @pytest.mark.parametrize("stage", STAGES)
 def test_resume_continues_exactly(runs: Any, stage: int) -> None:
     _, _, ranks, out = runs
+    dumps = _at(ranks, stage)
     adapter = load_file(str(out / f"zero{stage}" / "run" / "checkpoints" / "step_000002" / "adapter.safetensors"))
-    for r in ranks[stage]:
+    for r in dumps:
         assert r["resumed_step"] == 3
         reloaded = r["reloaded"]["adapter"]
         assert reloaded.keys() == adapter.keys()
@@ -301,10 +311,11 @@ def test_consolidated_checkpoint_edits_in_one_process(runs: Any, stage: int) -> 
     from editrl.rollout import edit_videos
 
     _, _, ranks, out = runs
+    dumps = _at(ranks, stage)
     policy, recipe = load_checkpoint(out / f"zero{stage}" / "run" / "checkpoints" / "step_000003")
     assert recipe.distributed.backend == "deepspeed"
     for k, v in _flat(policy.trainable_state_dict()).items():
-        assert torch.equal(v, _flat(ranks[stage][0]["resumed_trained"])[k]), k  # written by the resumed run
+        assert torch.equal(v, _flat(dumps[0]["resumed_trained"])[k]), k  # written by the resumed run
     data = build_dataset(recipe.data.train.kind, recipe.data.train.options)
     video = edit_videos(policy, [data[0]], steps=2, shift=recipe.sampling.shift, seed=0)
     assert video.ndim == 5 and video.shape[0] == 1 and torch.isfinite(video).all()
@@ -390,6 +401,15 @@ def test_multi_process_launch_needs_a_distributed_backend(monkeypatch: Any) -> N
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RecipeError, match="launched on 2 processes but distributed.backend=none"):
         make_backend(load_recipe("toy"))
+
+
+def test_compile_is_refused_under_zero3_and_off_by_default_there() -> None:
+    from editrl.checkpoint import policy_from_recipe
+
+    zero3 = ["distributed.backend=deepspeed", "distributed.zero_stage=3"]
+    with pytest.raises(RecipeError, match="policy.options.compile: .*ZeRO-3"):
+        load_recipe("toy", [*zero3, "policy.options.compile=true"])
+    assert policy_from_recipe(load_recipe("toy", zero3)).options.compile is False  # auto: off under ZeRO-3
 
 
 def test_ema_is_refused_under_zero3() -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from editrl.base import RecipeError
 from editrl.reward import build_reward
 from editrl.types import RewardBatch
 
@@ -103,3 +105,52 @@ def test_guard_script_is_idempotent_here():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "guard_torchvision.py")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "guarded" not in result.stdout  # already applied by scripts/install.sh
+
+
+def bundled_iqa_metrics() -> list[str]:
+    """Every pyiqa metric a bundled recipe names (an `iqa` reward term's `metric`)."""
+    import yaml
+
+    from editrl.config import bundled_recipes
+
+    metrics = set()
+    for path in bundled_recipes().values():
+        rewards = (yaml.safe_load(path.read_text()) or {}).get("rewards") or {}
+        terms = rewards if isinstance(rewards, list) else rewards.get("terms", [])
+        metrics |= {t["options"]["metric"] for t in terms if t.get("name") == "iqa"}
+    return sorted(metrics)
+
+
+@pytest.fixture
+def no_weights(tmp_path, monkeypatch):
+    """Empty weight caches (pyiqa's, torch.hub's, OpenAI CLIP's under ~/.cache/clip): every metric must download."""
+    monkeypatch.setattr("pyiqa.utils.download_util.DEFAULT_CACHE_DIR", str(tmp_path / "pyiqa"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    return tmp_path
+
+
+def test_the_bundled_recipes_name_laion_aes():
+    assert "laion_aes" in bundled_iqa_metrics()  # the test below builds what they name
+
+
+@pytest.mark.parametrize("metric", sorted({*bundled_iqa_metrics(), "clipscore"}))
+def test_bundled_metrics_build_up_to_their_weights(metric, no_weights):
+    """Everything a metric imports works on a fresh install (laion_aes and clipscore import OpenAI's clip, which
+    imports pkg_resources: setuptools<81); what stops it here is the one thing offline can't have, its weights, said
+    in one line with the URL and where the file goes."""
+    with pytest.raises(RecipeError) as caught:
+        build_reward("iqa", {"metric": metric})
+    message = str(caught.value)
+    assert "\n" not in message and "No module named" not in message
+    assert re.match(rf"pyiqa metric '{metric}' needs weights from https://\S+, which cannot be fetched", message), message
+    assert re.search(r"download that file elsewhere and (put it at /\S+|set the reward option `weights: )", message), message
+
+
+@pytest.mark.parametrize("metric", bundled_iqa_metrics())
+def test_dry_run_names_the_weights_of_bundled_metrics_without_fetching(metric, no_weights):
+    from editrl.rewards.iqa import Iqa
+
+    (problem,) = Iqa.preflight(Iqa.Options(metric=metric))
+    assert re.match(rf"pyiqa metric '{metric}' needs https://\S+, which is not at /\S+: download it there", problem), problem
+    assert not any(no_weights.rglob("*.pt")) and not any(no_weights.rglob("*.pth"))

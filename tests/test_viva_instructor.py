@@ -37,3 +37,11 @@ def test_crop_layer_and_padding(family):
 def test_bad_layer_is_a_clear_error():
     with pytest.raises(RecipeError, match="hidden_layer: 5 is out of range for a 2-layer VLM"):
         Instructor(tiny_paths("qwen2_5_vl")["vlm"], "qwen2_5_vl", hidden_layer=5)
+
+
+@pytest.mark.parametrize("hub_kernels", [False, True])
+def test_hub_kernels_are_the_recipes_choice_not_transformers_default(hub_kernels, monkeypatch):
+    """transformers 5 kernelizes every load by default (offline, that fails); editrl passes its own choice."""
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    instructor = Instructor(tiny_paths("qwen2_5_vl")["vlm"], "qwen2_5_vl", hub_kernels=hub_kernels)
+    assert instructor.model.use_kernels is hub_kernels

@@ -233,6 +233,12 @@ def test_decode_in_chunks_and_in_bfloat16():
     assert torch.allclose(chunked.decode(x0), ref, atol=1e-6)
     half = low.decode(x0)
     assert half.dtype == torch.float32 and 0 < (half - ref).abs().max() < 0.05
+    # Its decoder's convolutions are stored in bf16: the very pixels of float32 weights cast by autocast at every call.
+    assert low.vae.decoder.conv_in.weight.dtype == torch.bfloat16
+    assert next(low.vae.encoder.parameters()).dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = whole.vae.decode(x0 * whole.latents_std + whole.latents_mean).sample.float()
+    assert torch.equal(half, ((cast.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4))
 
 
 def test_token_counts_are_host_side_and_bound_the_refiner():

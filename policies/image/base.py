@@ -24,24 +24,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from editrl.base import StrictModel
-from editrl.policy import LoraPolicy
+from editrl.policy import DenoiserOptions, LoraPolicy
 from editrl.types import EditSample
 
 from ..loading import load, missing
-
-try:  # compile / attention options: editrl.policy's (issue 22) once there; the same fields meanwhile
-    from editrl.policy import DenoiserOptions  # type: ignore[attr-defined]
-except ImportError:
-
-    class DenoiserOptions(StrictModel):  # type: ignore[no-redef]
-        compile: bool | None = None  # regional compilation of the DiT's repeated blocks; None: on for CUDA only
-        attention: str = "auto"  # diffusers' attention backend; auto: the policy's default_attention
-
-
-# editrl's attention names -> diffusers' dispatcher backends (torch's SDPA kernels, or the flash-attn packages).
-BACKENDS = {"cudnn": "_native_cudnn", "flash": "_native_flash", "efficient": "_native_efficient", "math": "_native_math",
-            "flash_attn": "flash", "flash_attn_3": "_flash_3"}
 
 
 class ImageEditOptions(DenoiserOptions):
@@ -68,7 +54,6 @@ class ImageEditPolicy(LoraPolicy):
     # Subfolder of the pipeline -> the file that shows it is there (for dry runs).
     components: ClassVar[dict[str, str]]
     pipeline_class: Any  # the diffusers pipeline class whose static pack/unpack/ids helpers the policy uses
-    default_attention: ClassVar[str] = "native"
 
     options: ImageEditOptions
     vae: nn.Module
@@ -109,24 +94,13 @@ class ImageEditPolicy(LoraPolicy):
         return [m for sub, config in cls.components.items()
                 if (m := missing(f"pretrained ({sub})", f"{options.pretrained}/{sub}", config)) is not None]
 
-    def setup_denoiser(self, denoiser: nn.Module, device: torch.device) -> None:
-        """The loaded DiT frozen on `device` (a LoRA trains it), checkpointing and compile/attention as configured."""
-        self.denoiser = denoiser.to(device).requires_grad_(False)
+    def setup_denoiser(self, denoiser: nn.Module) -> None:
+        """The loaded DiT frozen on the policy's device (a LoRA trains it), with checkpointing, the attention backend
+        and compilation as configured: the last step of a subclass's `__init__`."""
+        self.denoiser = denoiser.to(self.device).requires_grad_(False)
         if self.options.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
         self.configure_denoiser(self.options)
-
-    def configure_denoiser(self, options: DenoiserOptions) -> None:
-        """The attention backend and regional compilation of the DiT's repeated blocks."""
-        cuda = self.device.type == "cuda"
-        backend = options.attention if options.attention != "auto" else (self.default_attention if cuda else "native")
-        if backend != "native":
-            self.denoiser.set_attention_backend(BACKENDS.get(backend, backend))  # type: ignore[operator]
-        if options.compile if options.compile is not None else cuda:
-            self.denoiser.compile_repeated_blocks()  # type: ignore[operator]
-
-    def run_denoiser(self, *args: Any, **kwargs: Any) -> Any:
-        return self.denoiser(*args, **kwargs)
 
     # ------------------------------------------------------------------ geometry
 

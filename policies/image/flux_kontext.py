@@ -21,6 +21,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from editrl.policy import training_graph
 from editrl.types import Condition, EditSample
 
 from ..loading import check
@@ -45,7 +46,6 @@ class FluxKontextPolicy(ImageEditPolicy):
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
     ]
-    default_attention = "flash"
 
     def __init__(self, options: FluxKontextOptions, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> None:
         from diffusers import AutoencoderKL, FluxKontextPipeline, FluxTransformer2DModel
@@ -64,8 +64,10 @@ class FluxKontextPolicy(ImageEditPolicy):
         dit = self.load("transformer", "FluxTransformer2DModel", FluxTransformer2DModel.from_pretrained, torch_dtype=dtype)
         z = self.vae.config.latent_channels
         check("pretrained (transformer)", dit.config.in_channels == 4 * z, f"the DiT takes {dit.config.in_channels} channels, 4 x the VAE's {z} packed")
-        self.setup_denoiser(dit, device)
         self._ids: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
+        # Flash attention on CUDA (`attention: auto`): Kontext's backward fails under cuDNN's, torch's default there.
+        self.default_attention = "flash" if device.type == "cuda" else "native"
+        self.setup_denoiser(dit)
 
     # ------------------------------------------------------------------ VAE
 
@@ -115,6 +117,7 @@ class FluxKontextPolicy(ImageEditPolicy):
             self._ids[h, w, text_len] = text, torch.cat([latent, image])
         return self._ids[h, w, text_len]
 
+    @training_graph
     def velocity(self, x: Tensor, sigma: Tensor, cond: Condition) -> Tensor:
         latents = self.pack(x.to(self.dtype))
         hidden = torch.cat([latents, self.pack(cond["source"])], dim=1)
@@ -129,7 +132,7 @@ class FluxKontextPolicy(ImageEditPolicy):
         if self.denoiser.config.guidance_embeds:
             guidance = torch.full((hidden.shape[0],), self.options.embedded_guidance, device=self.device, dtype=torch.float32)
         text_ids, image_ids = self.ids(x.shape[-2], x.shape[-1], text.shape[1])
-        v = self.run_denoiser(
+        v = self.denoiser(
             hidden_states=hidden, timestep=timestep, guidance=guidance, pooled_projections=pooled.to(self.dtype),
             encoder_hidden_states=text.to(self.dtype), txt_ids=text_ids, img_ids=image_ids, return_dict=False,
         )[0][:, : latents.shape[1]]

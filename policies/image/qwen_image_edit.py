@@ -26,6 +26,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from editrl.policy import training_graph
 from editrl.types import Condition, EditSample
 
 from ..loading import check
@@ -94,7 +95,7 @@ class QwenImageEditPolicy(ImageEditPolicy):
         c = dit.config
         check("pretrained (transformer)", c.in_channels == 4 * z, f"the DiT takes {c.in_channels} channels, 4 x the VAE's {z} packed")
         check("pretrained (transformer)", not c.guidance_embeds, "a guidance-distilled Qwen-Image DiT (guidance_embeds) is not supported")
-        self.setup_denoiser(dit, device)
+        self.setup_denoiser(dit)
 
     # ------------------------------------------------------------------ VAE
 
@@ -184,6 +185,7 @@ class QwenImageEditPolicy(ImageEditPolicy):
 
     # ------------------------------------------------------------------ velocity
 
+    @training_graph
     def velocity(self, x: Tensor, sigma: Tensor, cond: Condition) -> Tensor:
         have = cond.get("has_reference")
         if have is None or bool(have.all()) or not bool(have.any()):
@@ -212,7 +214,7 @@ class QwenImageEditPolicy(ImageEditPolicy):
             mask = (torch.arange(longest) < counts[:, None]).to(self.device)
         _, _, h, w = x.shape
         shapes = [[(1, h // 2, w // 2)] * (1 + len(images))] * hidden.shape[0]
-        v = self.run_denoiser(
+        v = self.denoiser(
             hidden_states=hidden, timestep=timestep, encoder_hidden_states=tokens[:, :longest].to(self.dtype),
             encoder_hidden_states_mask=mask, img_shapes=shapes, return_dict=False,
         )[0][:, : latents.shape[1]]

@@ -11,13 +11,12 @@ import zlib
 import torch
 from torch import Tensor, nn
 
-from editrl.base import StrictModel
-from editrl.policy import LoraPolicy
+from editrl.policy import DenoiserOptions, LoraPolicy, training_graph
 from editrl.types import Condition, EditSample
 
 
 class ToyT2VPolicy(LoraPolicy):
-    class Options(StrictModel):
+    class Options(DenoiserOptions):
         pretrained: str | None = None  # a saved WanTransformer3DModel directory; None builds a random one
         frames: int = 2
         height: int = 8
@@ -61,6 +60,7 @@ class ToyT2VPolicy(LoraPolicy):
         if dtype != torch.float32:
             self.denoiser.to(dtype)
         self.text_embedding.to(device=device, dtype=dtype).requires_grad_(False)
+        self.configure_denoiser(options)
 
     def _tokens(self, text: str) -> list[int]:
         ids = [zlib.crc32(w.encode()) % self.options.vocab for w in text.lower().split()][: self.options.text_len]
@@ -76,14 +76,13 @@ class ToyT2VPolicy(LoraPolicy):
         shape = (cond.batch_size, 3, o.frames, o.height, o.width)
         return torch.randn(shape, generator=generator, device=generator.device).to(self.device, self.dtype)
 
+    @training_graph
     def velocity(self, x: Tensor, sigma: Tensor, cond: Condition) -> Tensor:
         text = cond["text"]
         g = self.options.guidance_scale
         if g != 1.0:
             x, sigma, text = torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([text, torch.zeros_like(text)])
-        v = self.denoiser(
-            x.to(self.dtype), timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False
-        )[0]
+        v = self.denoiser(x.to(self.dtype), timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
         if g != 1.0:
             cond_v, uncond_v = v.chunk(2)
             v = uncond_v + g * (cond_v - uncond_v)

@@ -10,7 +10,7 @@ preset in presets.py.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +43,7 @@ class Wan:
 
         return WanTransformer3DModel, AutoencoderKLWan
 
-    def predict(self, dit: nn.Module, x: Tensor, timestep: Tensor, text: Tensor, mask: Tensor, pooled: Tensor | None) -> Tensor:
+    def predict(self, dit: Callable[..., Any], x: Tensor, timestep: Tensor, text: Tensor, mask: Tensor, pooled: Tensor | None) -> Tensor:
         return dit(x, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
 
 
@@ -89,7 +89,7 @@ class HunyuanVideo:
 
         return HunyuanVideoTransformer3DModel, AutoencoderKLHunyuanVideo
 
-    def predict(self, dit: nn.Module, x: Tensor, timestep: Tensor, text: Tensor, mask: Tensor, pooled: Tensor | None) -> Tensor:
+    def predict(self, dit: Callable[..., Any], x: Tensor, timestep: Tensor, text: Tensor, mask: Tensor, pooled: Tensor | None) -> Tensor:
         assert pooled is not None
         guidance = None if self.guidance is None else torch.full((x.shape[0],), self.guidance, device=x.device, dtype=x.dtype)
         return dit(

@@ -52,6 +52,7 @@ class Instructor(nn.Module):
         max_pixels: int | None = None,
         device: torch.device = torch.device("cpu"),
         dtype: torch.dtype = torch.float32,
+        hub_kernels: bool = False,
     ) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoTokenizer
@@ -63,7 +64,9 @@ class Instructor(nn.Module):
         self.vlm = FAMILIES[family](path, config, self.tokenizer, pixels)
         self.image_processor = self.vlm.image_processor
         cls = model_class(family)
-        self.model = load("vlm", cls.__name__, path, cls.from_pretrained, dtype=dtype)
+        # transformers 5 swaps layers for kernels fetched from the hub on every load unless told otherwise: on an
+        # offline machine that fails ("Kernels are not available"). Off unless the recipe asks (hub_kernels).
+        self.model = load("vlm", cls.__name__, path, cls.from_pretrained, dtype=dtype, use_kernels=hub_kernels)
         self.model.to(device).eval().requires_grad_(False)
         n_layers = config.text_config.num_hidden_layers
         layer = self.vlm.default_layer if hidden_layer is None else hidden_layer

@@ -23,6 +23,9 @@ class TokenRefiner(nn.Module):
         if out_dim % num_heads:
             raise ValueError(f"refiner: the DiT text width {out_dim} is not divisible by refiner_heads={num_heads}")
         self.out_dim = out_dim
+        # Its constructor's arguments, written beside its weights by `editrl export` (to rebuild it elsewhere).
+        self.arguments = {"in_dim": in_dim, "out_dim": out_dim, "num_layers": num_layers, "num_heads": num_heads,
+                          "mlp_ratio": mlp_ratio, "pooled_dim": pooled_dim}
         self.net = HunyuanVideoTokenRefiner(
             in_channels=in_dim,
             num_attention_heads=num_heads,
