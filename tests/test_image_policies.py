@@ -26,12 +26,13 @@ SIZE, STEPS, SHIFT, PROMPT, NEGATIVE = 32, 4, 3.0, "make the square red", "blurr
 TINY = {"qwen_image_edit": {"vlm_image_area": 64 * 64, "text_len": 256}, "flux_kontext": {"text_len": 32}}
 HOST_KEYS = ("counts", "neg_counts", "has_reference")  # token counts and layouts the Qwen policy keeps on the host
 RECIPES = Path(__file__).parents[1] / "recipes"
-# Equivalence tolerance, float32. Where the policy and the pipeline run the same kernels on the same tensors the match is
-# exact (Qwen without CFG: 0). Elsewhere float32 rounding differs in the last bits: the policy runs both CFG branches in
-# one DiT call with a padding mask where the pipelines make two calls, and the VAE's convolutions pick their kernels by
-# the input's memory layout. Measured over 4 Euler steps: at most 1.2e-6 on latents of magnitude ~4.5, 7e-7 on pixels.
-# A real mismatch moves them by far more: another prompt (the tiny VLM's random weights read text weakly) by 6e-3,
-# another guidance embedding by more (the controls below assert 100 x TOL).
+# Equivalence tolerance, float32. The policy and the pipeline run the same operations on the same values up to float32
+# rounding in the last bits: the policy pads every prompt to `text_len` with the padding masked (the pipelines pass
+# one unpadded prompt without a mask), runs both CFG branches in one DiT call where the pipelines make two, and its
+# VAE's convolutions may pick other kernels than for the pipeline's input layout. Measured over 4 Euler steps: at most
+# 1.4e-6 on latents of magnitude ~4.5, 7e-7 on pixels. A real mismatch moves them by far more: another prompt (the
+# tiny VLM's random weights read text weakly) by 6e-3, another guidance embedding by more (the controls below assert
+# 100 x TOL).
 TOL = 1e-5
 
 
@@ -251,6 +252,21 @@ def test_every_sde_kind_and_objective_trains_on_policy_without_read_backs(name, 
         assert not ratios and "train/nft_old_deviation" in metrics
     else:
         assert len(ratios) == 3 and all(r == pytest.approx(1.0, abs=1e-5) for r in ratios)  # the first update is on-policy
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("compile_", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
+def test_first_update_ratio_is_exactly_one_in_bf16(name, compile_, tmp_path):
+    """As tests/test_denoiser.py asks of every policy: rollout and update compute the same log-probabilities bit for
+    bit in bf16, compiled blocks included, with the KL's reference pass and (Qwen) CFG's two branches in one call."""
+    from test_denoiser import first_update_log_ratios
+
+    cfg = ["policy.options.guidance_scale=3.0"] if name == "qwen_image_edit" else []
+    recipe = load_recipe(f"{name}_tiny", [*run_args(tmp_path / "run", 1), "run.dtype=bfloat16", "sampling.steps=4",
+                                          "grpo.beta=0.01", f"policy.options.compile={str(compile_).lower()}", *cfg])
+    trainer = Trainer(recipe)
+    assert trainer.policy.compiled == compile_
+    assert max(first_update_log_ratios(trainer)) <= 1e-6
 
 
 # ---------------------------------------------------------------------------------------------- paper recipes

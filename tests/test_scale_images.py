@@ -36,10 +36,11 @@ def test_image_scales_run_end_to_end_at_tiny_configs(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "image_scales", lambda: tiny)
     for name in tiny:
         args = argparse.Namespace(scale=name, device="cpu", steps=1, warmup=0, vlm_layers=None, out=str(tmp_path / name),
-                                  threads=None)
+                                  threads=None, compile=None)
         results = bench.run(args, Console(file=io.StringIO()))
         assert results["recipe"]["policy"]["name"] == name and results["params_m"]["transformer"] > 0
         assert [s["steps"][-1]["sde/trained_steps"] for s in results["schedules"].values()] == [3, 2]
-        assert all(results["floor"][k] > 0 for k in ("dit_forward_s", "dit_forward_backward_s", "velocity_s"))
+        assert all(results["floor"][k] > 0 for k in ("dit_forward_s", "dit_forward_backward_s", "velocity_s",
+                                                     "dit_forward_flops", "dit_forward_backward_flops"))
         line = bench.report(results, Console(file=io.StringIO()))
         assert line.startswith(f"scale={name} device=cpu model-compute share: default ") and "step ratio fast/default" in line

@@ -10,8 +10,11 @@ pipelines' `true_cfg_scale`, here `guidance_scale`) runs the negative prompt wit
 and renormalises each guided token to the conditional one's norm, as the pipelines do; `guidance_scale: 1` is the
 no-CFG mode (no negative prompt is encoded).
 
-Text is stored zero-padded to `text_len` with each row's token count on the host; each DiT call reads the longest
-row of its batch, with a padding mask only when rows differ (flow_grpo's Qwen-Image-Edit trainer trims the same way).
+Text is stored zero-padded to `text_len` with each row's token count on the host, and the DiT reads all `text_len`
+tokens with the padding masked (as the pipelines do for a batch of prompts of unequal lengths), so a row's numbers
+never depend on the other rows of its batch: the rollout's and the update's micro-batches agree bit for bit, in bf16
+too. `text_len` is then the DiT's text length: set it near the longest prompt (about 250 tokens a 384x384 picture
+plus the instruction). flow_grpo's Qwen-Image-Edit trainer trims to each batch's longest row instead.
 A reference image is resized to the source's size, so every request of a batch has one sequence layout per number of
 images; a batch mixing requests with and without a reference runs one DiT call per layout. The VLM reads images
 through transformers' PIL image processor (`Qwen2VLImageProcessorPil`, no torchvision) and the placeholders are
@@ -52,7 +55,7 @@ class QwenImageEditOptions(ImageEditOptions):
     use_reference: bool = True  # edit_plus: a request's reference image is its second picture
     guidance_scale: float = Field(4.0, ge=1.0)  # the pipelines' true_cfg_scale (their default 4.0); 1: no CFG
     vlm_image_area: int = Field(384 * 384, ge=1)  # edit_plus: the area each image is resized to for the VLM
-    text_len: int = Field(1024, ge=1)  # prompt tokens kept per request (the pipelines' limit is 1024)
+    text_len: int = Field(1024, ge=1)  # the DiT's text tokens, each prompt zero-padded (the pipelines' limit is 1024)
 
 
 def calculate_dimensions(area: int, ratio: float) -> tuple[int, int]:
@@ -208,14 +211,14 @@ class QwenImageEditPolicy(ImageEditPolicy):
                 raise RuntimeError("guidance_scale > 1 but this condition was encoded without the negative prompt")
             tokens, counts = torch.cat([tokens, cond["neg_tokens"]]), torch.cat([counts, cond["neg_counts"]])
             hidden, timestep = torch.cat([hidden, hidden]), torch.cat([timestep, timestep])
-        longest = int(counts.max())
-        mask = None
-        if bool((counts < longest).any()):
-            mask = (torch.arange(longest) < counts[:, None]).to(self.device)
+        # Every row reads all `text_len` tokens, its padding masked: a row's numbers never depend on its batch's other
+        # rows, so the rollout and the update (other micro-batches) agree bit for bit. No mask when nothing is padded.
+        width = tokens.shape[1]
+        mask = None if bool((counts == width).all()) else (torch.arange(width) < counts[:, None]).to(self.device)
         _, _, h, w = x.shape
         shapes = [[(1, h // 2, w // 2)] * (1 + len(images))] * hidden.shape[0]
         v = self.denoiser(
-            hidden_states=hidden, timestep=timestep, encoder_hidden_states=tokens[:, :longest].to(self.dtype),
+            hidden_states=hidden, timestep=timestep, encoder_hidden_states=tokens.to(self.dtype),
             encoder_hidden_states_mask=mask, img_shapes=shapes, return_dict=False,
         )[0][:, : latents.shape[1]]
         if cfg:
