@@ -32,6 +32,8 @@ COMMON = ["train.progress=false", "run.threads=1", "train.steps=3", "train.save_
 CASES: dict[str, tuple[str, list[str], tuple[int, ...]]] = {
     "toy": ("toy", COMMON + ['rewards.terms=[{name: "test_distributed:brightness_or_none"}]'], STAGES),
     "viva_tiny": ("viva_tiny", COMMON + ["data.train.options.n=8"], STAGES),
+    # An image editor: one-frame latents, the source's tokens joined to the sequence, host-side token counts.
+    "qwen_image_edit_tiny": ("qwen_image_edit_tiny", COMMON + ["data.train.options.n=8"], STAGES),
     # Dynamic sampling: groups left without two scores are redrawn, each on the rank that holds the group.
     "toy_resample_tied": ("toy", COMMON + ['rewards.terms=[{name: "test_distributed:brightness_or_none"}]',
                                           "grpo.resample_tied=2"], STAGES),

@@ -33,7 +33,7 @@ from editrl.types import Condition, EditSample
 
 from .backbones import BACKBONES
 from .instructor import DEFAULT_SYSTEM_PROMPT, Family, Instructor, truncate
-from .loading import check, load, missing
+from ..loading import check, load, missing
 from .refiner import TokenRefiner, pad_tokens
 
 
