@@ -87,6 +87,11 @@ class ImageEditPolicy(LoraPolicy):
         return module.to(self.device).eval().requires_grad_(False)
 
     @classmethod
+    def job_phases(cls, options: ImageEditOptions) -> list[str]:
+        """The tiny preset is built (or found cached) as a phase of `editrl train`."""
+        return ["preset"] if options.preset else []
+
+    @classmethod
     def preflight(cls, options: ImageEditOptions) -> list[str]:
         """The components this policy would load that are not here (dry runs); the tiny preset is built locally."""
         if options.pretrained is None:

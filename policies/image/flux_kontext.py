@@ -37,6 +37,9 @@ class FluxKontextPolicy(ImageEditPolicy):
     Options = FluxKontextOptions
     options: FluxKontextOptions
     preset_name = "flux_kontext"
+    # `attention: auto` is flash where it runs (CUDA): Kontext's backward fails under cuDNN's, torch's default on an
+    # H200 (shared/device/h200-big-dits); elsewhere torch's native choice.
+    default_attention = "flash"
     components = {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
                   "text_encoder_2": "config.json", "tokenizer": "tokenizer_config.json",
                   "tokenizer_2": "tokenizer_config.json"}
@@ -65,8 +68,6 @@ class FluxKontextPolicy(ImageEditPolicy):
         z = self.vae.config.latent_channels
         check("pretrained (transformer)", dit.config.in_channels == 4 * z, f"the DiT takes {dit.config.in_channels} channels, 4 x the VAE's {z} packed")
         self._ids: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
-        # Flash attention on CUDA (`attention: auto`): Kontext's backward fails under cuDNN's, torch's default there.
-        self.default_attention = "flash" if device.type == "cuda" else "native"
         self.setup_denoiser(dit)
 
     # ------------------------------------------------------------------ VAE
