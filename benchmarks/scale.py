@@ -25,6 +25,15 @@ rewritten after every phase (and every step), so a run cut off by a time limit k
     python benchmarks/scale.py --scale paper --out "$OUT"          # one H200: ~4 min at ~60 s per default step
     python benchmarks/scale.py --scale paper --steps 1             # ~6 min at the first probe's 165 s per step
 
+The image editors (`--scale qwen_image_edit|flux_kontext`, `ImageScale`): the same trainer, schedules, floor and
+report on the `qwen_image_edit` / `flux_kontext` policy, with the released models' configs (diffusers' defaults for
+Qwen-Image-Edit's 20B MMDiT and VAE; FLUX.1-Kontext-dev's 12B DiT with its guidance embedding and FLUX's VAE), random
+weights in bf16, editing 1024x1024 one-frame pairs, the text encoders (Qwen2.5-VL-7B widths, T5-XXL) cut to
+`--vlm-layers` layers like the VIVA instructor (they run once per request). The models are saved as a diffusers
+pipeline folder and loaded by `policy.options.pretrained`. They need a GPU (~45 GB of weights for Qwen-Image-Edit).
+
+    python benchmarks/scale.py --scale qwen_image_edit --out "$OUT"
+
 The last line printed (2 decimals):
 
     scale=<name> device=<device> model-compute share: default <x>, fast <y>; step ratio fast/default <z>
@@ -37,6 +46,7 @@ many times faster a fast step is: bigger = fast is faster. The goal at paper sca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -47,7 +57,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import yaml
@@ -128,6 +138,59 @@ SCALES: dict[str, Scale] = {
 }
 
 
+@dataclass(frozen=True)
+class ImageScale:
+    """An image editor's benchmark size: its policy, pipeline configs (random weights), image size and GRPO layout.
+    The fields `recipe_tree` reads are named as `Scale`'s."""
+
+    policy: str  # qwen_image_edit | flux_kontext
+    spec: Any  # the pipeline's configs: editrl.policies.image.presets.QwenSpec / FluxSpec
+    vlm_layers: int  # text-encoder layers kept (Qwen2.5-VL text / T5)
+    size: tuple[int, int]
+    text_len: int
+    group: int
+    batch: int
+    micro_batch: int
+    sampling_steps: int
+    lora_rank: int
+    dtype: str
+    warmup: int
+    policy_options: dict[str, Any] = field(default_factory=dict)
+    frames: int = 1
+
+    def __post_init__(self) -> None:
+        if self.micro_batch % self.group or self.batch % self.micro_batch:
+            raise ValueError(f"micro_batch {self.micro_batch} must hold whole groups of {self.group} and divide {self.batch}")
+
+
+def image_scales() -> dict[str, ImageScale]:
+    """The released models' configs: diffusers' defaults are Qwen-Image's MMDiT and VAE; FLUX.1-Kontext-dev is FLUX.1's
+    DiT with the guidance embedding, FLUX's 16-channel VAE, CLIP-L and T5-XXL (v1.1). One group of 2 at 1024x1024 per
+    micro-batch, 10 sampling steps, no CFG: a default step of about a minute on one H200 (shared/device/h200-big-dits:
+    a 1024x1024 edit is 8,192 image tokens; forward 0.47 s (Qwen) / 0.37 s (Kontext) at batch 1)."""
+    from editrl.policies.image.presets import FluxSpec, QwenSpec
+
+    layout = dict(size=(1024, 1024), group=2, batch=2, micro_batch=2, sampling_steps=10, lora_rank=32,
+                  dtype="bfloat16", warmup=0, policy_options={"decode_dtype": "bfloat16"})
+    paper = SCALES["paper"]
+    qwen = QwenSpec(dit={}, vae={}, vlm_text=paper.vlm_text, vlm_vision=paper.vlm_vision,
+                    processor=dict(patch_size=14, merge_size=2, min_pixels=3136, max_pixels=12845056))  # Qwen2.5-VL's
+    flux = FluxSpec(
+        dit=dict(guidance_embeds=True),
+        vae=dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                 block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, sample_size=1024,
+                 scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
+        clip=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  max_position_embeddings=77, projection_dim=768),
+        t5=dict(d_model=4096, d_kv=64, d_ff=10240, num_heads=64, feed_forward_proj="gated-gelu", num_layers=24),
+    )
+    return {
+        "qwen_image_edit": ImageScale("qwen_image_edit", qwen, vlm_layers=4, text_len=1024, **layout),
+        "flux_kontext": ImageScale("flux_kontext", flux, vlm_layers=4, text_len=512, **layout),
+    }
+
+
+
 # ---------------------------------------------------------------- models and recipe
 
 
@@ -191,6 +254,58 @@ def recipe_tree(scale: Scale, paths: dict[str, str], root: Path, device: str, th
                  "clip_range": 1e-3, "beta": 0.004, "adv_clip": 5.0},
         "optim": {"lr": 1e-4, "grad_clip": 1.0, "lora": {"rank": scale.lora_rank, "alpha": 2 * scale.lora_rank}},
     }  # no `train` section: the benchmark calls train_step() itself, never fit()
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Models made in `dtype` directly: a 20B DiT never exists in float32 (82 GB) on its way to bf16."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def build_image_models(scale: ImageScale, vlm_layers: int, root: Path, device: str) -> dict[str, Any]:
+    """The image editor's random-weight parts written as a diffusers pipeline folder under `root` (by the tiny presets'
+    own writers, editrl.policies.image.presets); its path and the parts' sizes. The DiT and text encoders are made on
+    `device` in the scale's dtype, the VAE in float32 (the policy keeps it so)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from editrl.policies.image import presets
+
+    diffusers_logging.set_verbosity_error()
+    dtype = getattr(torch, scale.dtype)
+    torch.manual_seed(0)
+    params: dict[str, float] = {}
+
+    def save(sub: str, make: Callable[[], torch.nn.Module]) -> None:
+        with torch.device(device), default_dtype(torch.float32 if sub == "vae" else dtype):
+            model = make()
+        params[sub] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+        model.save_pretrained(root / sub)
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    spec = scale.spec
+    if scale.policy == "qwen_image_edit":
+        presets.write_qwen(root, dataclasses.replace(spec, vlm_text=dict(spec.vlm_text, num_hidden_layers=vlm_layers)), save)
+    else:
+        presets.write_flux(root, dataclasses.replace(spec, t5=dict(spec.t5, num_layers=vlm_layers)), save)
+    return {"paths": {"pipeline": str(root)}, "params_m": params}
+
+
+def image_recipe_tree(scale: ImageScale, paths: dict[str, str], root: Path, device: str, threads: int | None) -> dict[str, Any]:
+    """`recipe_tree`'s recipe (sampling, GRPO, LoRA, KL, pixel rewards) on the image policy and its pipeline folder;
+    without the temporal reward (one frame has no motion)."""
+    tree = recipe_tree(scale, {}, root, device, threads)  # type: ignore[arg-type]  # reads the fields both scales have
+    tree["policy"] = {"name": scale.policy, "options": {
+        "pretrained": paths["pipeline"], "text_len": scale.text_len, "gradient_checkpointing": True, "guidance_scale": 1.0,
+        **scale.policy_options}}
+    tree["rewards"]["terms"] = [t for t in tree["rewards"]["terms"] if t["name"] != "temporal_consistency"]
+    return tree
 
 
 # ---------------------------------------------------------------- measurement
@@ -265,10 +380,20 @@ def floor(trainer: Any, repeats: int) -> dict[str, float]:
     # refiner's output does, so that compiled blocks run the graphs the engine runs.
     text = torch.randn(mb, p.options.text_len, dit.config.text_dim, device=trainer.device, dtype=p.dtype)
     text.requires_grad_("refiner" in p.options.trainable)
-    trained = [q for q in dit.parameters() if q.requires_grad]
 
     def call() -> torch.Tensor:
         return dit(dit_in, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
+
+    return time_dit(trainer, call, x, cond, repeats)
+
+
+def time_dit(trainer: Any, call: Callable[[], torch.Tensor], x: torch.Tensor, cond: Any, repeats: int) -> dict[str, float]:
+    """The floor's measurements of one micro-batch: `call()` (the DiT alone on the step's inputs) forward, and
+    forward+backward to the trainable parameters, the whole `policy.velocity(x, ., cond)` call, and the DiT's model
+    FLOPs for both (LoRA included)."""
+    p, mb = trainer.policy, x.shape[0]
+    dit = p.denoiser
+    trained = [q for q in dit.parameters() if q.requires_grad]
 
     def forward() -> torch.Tensor:  # as the rollout runs it: compiled, on the training graph (editrl.policy.training_graph)
         with torch.set_grad_enabled(p.compiled):
@@ -278,7 +403,8 @@ def floor(trainer: Any, repeats: int) -> dict[str, float]:
         return call().float().mean()
 
     def forward_backward() -> None:  # autograd.grad: the same work as backward, leaving no .grad behind
-        torch.autograd.grad(loss(), trained)
+        # (allow_unused: the last block's text stream of an MMDiT reaches no output, so its LoRA gets no gradient)
+        torch.autograd.grad(loss(), trained, allow_unused=True)
 
     sigma = torch.full((mb,), 0.5, device=trainer.device)
     fwd = seconds(forward, trainer.device, repeats)
@@ -292,6 +418,24 @@ def floor(trainer: Any, repeats: int) -> dict[str, float]:
         dit.eval()
     return {"batch": mb, "dit_forward_s": fwd, "dit_forward_backward_s": fwd_bwd, "velocity_s": velocity,
             "dit_forward_flops": flops_fwd, "dit_forward_backward_flops": flops_fwd_bwd}
+
+
+def image_floor(trainer: Any, repeats: int) -> dict[str, float]:
+    """`floor` for the image editors, whose DiT inputs (the packed noisy and source tokens, position ids, text mask)
+    the policy builds inside `velocity`: they are captured from one `velocity` call on a micro-batch of the step's
+    shapes (a forward pre-hook on the DiT), then timed as `floor` times its own."""
+    p, mb, g = trainer.policy, trainer.layout.micro_batch_size, trainer.recipe.grpo.group_size
+    requests = [trainer.train_data[i] for i in range(mb // g)]
+    captured: dict[str, Any] = {}
+    with torch.no_grad():
+        cond = p.encode(requests).repeat_interleave(g)
+        x = p.init_noise(cond, torch.Generator().manual_seed(0))
+        hook = p.denoiser.register_forward_pre_hook(lambda module, args, kwargs: captured.update(kwargs), with_kwargs=True)
+        try:
+            p.velocity(x, torch.full((mb,), 0.5, device=trainer.device), cond)
+        finally:
+            hook.remove()
+    return time_dit(trainer, lambda: p.denoiser(**captured)[0], x, cond, repeats)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -340,7 +484,9 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from editrl.preflight import load_recipe
     from editrl.trainer import Trainer
 
-    scale = SCALES[args.scale]
+    scale: Scale | ImageScale = SCALES[args.scale] if args.scale in SCALES else image_scales()[args.scale]
+    build, make_recipe, measure_floor = ((build_models, recipe_tree, floor) if isinstance(scale, Scale)
+                                         else (build_image_models, image_recipe_tree, image_floor))
     device = torch.device(args.device)
     vlm_layers = args.vlm_layers or scale.vlm_layers
     warmup = scale.warmup if args.warmup is None else args.warmup
@@ -364,9 +510,9 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="editrl-scale-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        built = build_models(scale, vlm_layers, root / "models", args.device)
+        built = build(scale, vlm_layers, root / "models", args.device)  # type: ignore[arg-type]
         results.update(params_m=built["params_m"], build_s=time.perf_counter() - t0)
-        tree = recipe_tree(scale, built["paths"], root, args.device, args.threads)
+        tree = make_recipe(scale, built["paths"], root, args.device, args.threads)  # type: ignore[arg-type]
         if args.compile is not None:
             tree["policy"]["options"]["compile"] = args.compile == "true"
         results["recipe"] = tree
@@ -382,7 +528,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             results["schedules"][name] = sched
             if "floor" not in results:  # once, on the first trainer's DiT (same models and shapes for both)
                 results["compiled"] = bool(getattr(trainer.policy, "compiled", False))
-                results["floor"] = floor(trainer, repeats=5)
+                results["floor"] = measure_floor(trainer, repeats=5)
                 results["peak_tflops"] = dense_peak_tflops(device)
                 save()
                 console.log("floor: " + ", ".join(f"{k} {v:.4g}" for k, v in results["floor"].items()))
@@ -453,7 +599,7 @@ def report(results: dict[str, Any], console: Console) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--scale", choices=list(SCALES), default="cpu", help="named configuration (default: cpu)")
+    ap.add_argument("--scale", choices=[*SCALES, *image_scales()], default="cpu", help="named configuration (default: cpu)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="default: cuda if available, else cpu")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per schedule")

@@ -7,6 +7,7 @@ line and exits 2. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
 import socket
 import types
 import typing
@@ -77,3 +78,15 @@ class DataError(EditrlError, ValueError):
 
 class CheckpointError(EditrlError, RuntimeError):
     """A checkpoint that cannot be used: damaged with no intact one to fall back to, or unfit for the command."""
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as set by torchrun / deepspeed / accelerate launch; (0, 1, 0) without one."""
+    env = os.environ
+    try:
+        return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    except ValueError:
+        raise RecipeError(
+            f"RANK={env.get('RANK')!r}, WORLD_SIZE={env.get('WORLD_SIZE')!r}, LOCAL_RANK={env.get('LOCAL_RANK')!r}: "
+            "the launcher's rank variables must be integers"
+        ) from None

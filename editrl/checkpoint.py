@@ -289,12 +289,10 @@ def policy_from_recipe(recipe: Recipe, device: str | None = None, init_from: boo
     """The one way a policy is built from a recipe: the registered policy, its LoRA (if any), and the
     `policy.init_from` checkpoint's trainable weights unless `init_from=False` (the caller loads them later)."""
     from editrl.policy import DenoiserOptions, build_policy
-    from editrl.registry import POLICIES
 
-    options, d = recipe.policy.options, recipe.distributed
-    zero3 = d.backend == "deepspeed" and d.zero_stage == 3
-    if zero3 and options.get("compile") is None and issubclass(getattr(POLICIES.get(recipe.policy.name), "Options", object), DenoiserOptions):
-        options = {**options, "compile": False}  # ZeRO-3 cannot run compiled blocks (preflight refuses compile: true)
+    options, d = recipe.plugin_options("policy", recipe.policy.options), recipe.distributed
+    if d.backend == "deepspeed" and d.zero_stage == 3 and isinstance(options, DenoiserOptions) and options.compile is None:
+        options = options.model_copy(update={"compile": False})  # ZeRO-3 cannot run compiled blocks (refused if asked)
     policy = build_policy(
         recipe.policy.name, options, device=device or recipe.run.device, dtype=getattr(torch, recipe.run.dtype)
     )

@@ -67,7 +67,7 @@ def train(
 ) -> None:
     """Train a policy with Edit-GRPO as the recipe says (default: the CPU quickstart).
 
-    The job announces its phases: the tiny preset, the synthetic data, the SFT warm start (policy.warm_start),
+    The job announces its phases: the synthetic data, the tiny preset, the SFT warm start (policy.warm_start),
     Edit-GRPO and its held-out evaluations; a phase whose result is cached says so and is skipped. The console
     shows progress and a few numbers; every metric goes to RUN/metrics.jsonl and TensorBoard, third-party
     messages to RUN/libraries.log. The run ends with where everything is and the commands to try next.
@@ -81,7 +81,7 @@ def train(
     """
     def go() -> None:
         from editrl.base import TrainingError
-        from editrl.config import derive_layout, parse_recipe
+        from editrl.config import parse_recipe
         from editrl.files import check_flags, refuse_if_in_use
 
         started = time.perf_counter()
@@ -89,18 +89,18 @@ def train(
         name, changes = recipe, overrides or []
         if "=" in name and not Path(name).exists():  # `editrl train train.steps=5`: overrides of the default recipe
             name, changes = DEFAULT_RECIPE, [name, *changes]
+        rec = parse_recipe(name, changes)
         if not dry_run:  # said before torch and the plugins load (the run's own lock decides, in start_process)
-            refuse_if_in_use(parse_recipe(name, changes).output_dir)
+            refuse_if_in_use(rec.output_dir)
 
         from editrl.harness import resume_point
-        from editrl.preflight import check_reward_inputs, load_recipe
+        from editrl.preflight import check_reward_inputs, checked
 
-        rec = load_recipe(name, changes, check_paths=not dry_run)  # a dry run lists missing paths below
+        checked(rec, changes, check_paths=not dry_run)  # a dry run lists missing paths below
         check_reward_inputs(rec)
         if dry_run:
-            layout = derive_layout(rec)
             console.print(f"[green]recipe ok[/green]: {rec.run.name} -> {rec.output_dir}")
-            console.print(layout.model_dump())
+            console.print(rec.layout.model_dump())
             if resume:
                 resume_point(rec, accept_changes)
             from editrl.preflight import preflight
@@ -113,35 +113,21 @@ def train(
                 raise typer.Exit(2)
             console.print("[green]ready[/green]: every weight and server the recipe names is here")
             return
-        from editrl import monitor
-        from editrl.distributed import launch_env
+        from editrl import job, monitor
+        from editrl.base import launch_env
         from editrl.summary import nothing_trained, print_run_summary
-        from editrl.trainer import train as run_training
 
-        rank, world = launch_env()[:2]
+        rank = launch_env()[0]
         log = rec.output_dir / (monitor.LIBRARY_LOG if rank == 0 else f"libraries.rank{rank}.log")
-        with monitor.library_log(log), monitor.job(job_phases(rec, resume), shown=rank == 0):
-            run_dir = run_training(rec, resume=resume, overwrite=overwrite, accept_changes=accept_changes)
+        with monitor.library_log(log), monitor.job(job.phases(rec, resume), shown=rank == 0):
+            result = job.run(rec, resume=resume, overwrite=overwrite, accept_changes=accept_changes)
         if rank == 0:
-            failed = nothing_trained(run_dir, world)
+            failed = nothing_trained(result)
             if failed:
                 raise TrainingError(failed)
-            print_run_summary(run_dir, rec, time.perf_counter() - started, monitor.console, world)
+            print_run_summary(result, rec, time.perf_counter() - started, monitor.console)
 
     run_cli(go)
-
-
-def job_phases(rec: Any, resume: bool) -> list[str]:
-    """The phases (`editrl.monitor.PHASES`) that `editrl train` goes through for this recipe, in order."""
-    keys = ["preset"] if rec.policy.options.get("preset") else []
-    if any(d is not None and d.kind == "synthetic" for d in (rec.data.train, rec.data.eval)):
-        keys.append("data")
-    if rec.policy.warm_start and rec.policy.init_from and not resume:
-        keys.append("sft")
-    keys.append("grpo")
-    if rec.data.eval is not None and rec.train.eval_every is not None:
-        keys.append("eval")
-    return keys
 
 
 def sweep(

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from editrl.base import RecipeError, StrictModel
+from editrl.base import RecipeError, StrictModel, launch_env
 from editrl.registry import did_you_mean
 
 
@@ -129,23 +129,24 @@ class SamplingConfig(StrictModel):
     sde: str = "flow_sde"
     noise_level: float = Field(0.7, ge=0)
     window: SdeWindow = Field(default_factory=SdeWindow)
-    guidance_scale: float = Field(1.0, ge=1)  # >1 turns on classifier-free guidance where the policy supports it
     eval_steps: int | None = Field(None, ge=1)  # ODE steps for evaluation/inference; None = steps
     # How a `cps` step is scored: the exact Gaussian log-density, or Flow-GRPO's CPS score -mean((x - mean)^2), which
     # drops 1/(2 std^2) (so its log-ratios are 2 std^2 times smaller): pick flow_grpo to reproduce FlowCPS training.
     cps_logprob: Literal["exact", "flow_grpo"] = "exact"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "guidance_scale" in v:
+            raise ValueError("guidance_scale: classifier-free guidance is the policy's (true CFG, a distilled guidance "
+                             "input, or none): set policy.options.guidance_scale")
+        return v
 
     @model_validator(mode="after")
     def _cps_logprob_needs_cps(self) -> "SamplingConfig":
         if self.cps_logprob != "exact" and self.sde != "cps":
             raise ValueError(f"cps_logprob={self.cps_logprob} scores cps steps only; set sampling.sde=cps or drop it")
         return self
-
-
-class NftOptions(StrictModel):
-    """DiffusionNFT's options (`grpo.loss: nft`, editrl.grpo.nft_loss)."""
-
-    beta: float = Field(1.0, gt=0)  # how far the implicit positive/negative velocities move from the old one
 
 
 class GrpoConfig(StrictModel):
@@ -161,18 +162,21 @@ class GrpoConfig(StrictModel):
     skip_tied_groups: bool = True
     async_rewards: bool = True
     share_encode: bool = True  # encode each request once for its group (False: once per sample, as flow_grpo)
+    # The objective (editrl.objectives): a built-in (ppo_clip, reinforce, nft), module:attr or an `editrl.losses` entry
+    # point; its own options, validated by it, in loss_options.
     loss: str = "ppo_clip"
-    nft: NftOptions = Field(default_factory=NftOptions)
+    loss_options: dict[str, Any] = Field(default_factory=dict)
     # Dynamic sampling: up to this many extra groups (new requests) per step replace groups whose rewards all tie.
     resample_tied: int = Field(0, ge=0)
     ratio_norm: bool = False  # GRPO-Guard: centre and rescale each step's log-ratio (editrl.grpo.guard_log_ratio)
     shuffle_advantages: bool = False  # control run: a seeded permutation of the trained advantages across the batch
 
-    @model_validator(mode="after")
-    def _ratio_norm_needs_a_ratio(self) -> "GrpoConfig":
-        if self.ratio_norm and self.loss == "nft":
-            raise ValueError("ratio_norm normalises a likelihood ratio, which loss=nft does not use; drop one")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "nft" in v:
+            raise ValueError("nft moved: an objective's options are grpo.loss_options (e.g. grpo.loss_options.beta=1.0)")
+        return v
 
 
 class EmaConfig(StrictModel):
@@ -234,10 +238,47 @@ class Recipe(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     needs_rewards: ClassVar[bool] = True  # False for recipes that score nothing (SFT)
+    _layout: Layout | None = PrivateAttr(default=None)
+    # Each plugin's options as its `Options` model validated them (editrl.preflight.check), by recipe key: "policy",
+    # "data.train", "data.eval", "rewards.terms.N". Builders take these, so nothing is validated twice.
+    _plugin_options: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @property
     def output_dir(self) -> Path:
         return Path(self.run.output_dir.replace("${run.name}", self.run.name))
+
+    @property
+    def layout(self) -> Layout:
+        """The derived values for this launch's world size, computed once (parse_recipe already did)."""
+        if self._layout is None:
+            self._layout = derive_layout(self, launch_env()[1])
+        return self._layout
+
+    def plugin_options(self, key: str, raw: Any) -> Any:
+        """The validated options kept for `key`, or `raw` for a recipe no check has seen (a builder validates them)."""
+        return self._plugin_options.get(key, raw)
+
+    def keep_options(self, key: str, options: Any) -> Any:
+        self._plugin_options[key] = options
+        return options
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Recipe":
+        """What no single section can check: combinations the engine refuses, before any model is built."""
+        d = self.distributed
+        zero3 = d.backend == "deepspeed" and d.zero_stage == 3
+        if zero3 and self.grpo.resample_tied and not d.rollout_gather:
+            raise ValueError("grpo.resample_tied rolls extra groups out on some ranks only, which ZeRO-3's per-layer "
+                             "gathers cannot follow: set distributed.rollout_gather=true or grpo.resample_tied=0")
+        if zero3 and self.optim.ema.enabled:
+            raise ValueError("optim.ema: not available with ZeRO-3 (the EMA would copy sharded, empty tensors); use "
+                             "distributed.zero_stage=2")
+        if zero3 and self.policy.options.get("compile"):
+            raise ValueError("policy.options.compile: compiled DiT blocks cannot run under ZeRO-3, which gathers each "
+                             "layer's shards inside the blocks: use distributed.zero_stage=2, or policy.options.compile=false")
+        if self.train.sentinel is not None and (self.data.eval is None or self.train.eval_every is None):
+            raise ValueError("train.sentinel watches held-out evaluations: set data.eval and train.eval_every, or drop it")
+        return self
 
 
 class SftConfig(StrictModel):
@@ -261,12 +302,10 @@ class Layout(StrictModel):
     world_size: int
     groups_per_step: int
     groups_per_rank: int
-    samples_per_rank: int
     micro_batch_size: int
     micro_batches_per_update: int
     grad_accumulation: int  # backward passes per optimiser update (micro-batches x trained steps)
     trained_steps: int
-    sde_steps: int
 
 
 def derive_layout(recipe: Recipe, world_size: int = 1) -> Layout:
@@ -302,12 +341,10 @@ def derive_layout(recipe: Recipe, world_size: int = 1) -> Layout:
         world_size=world_size,
         groups_per_step=groups,
         groups_per_rank=groups // world_size,
-        samples_per_rank=per_rank,
         micro_batch_size=mb,
         micro_batches_per_update=micro // g.minibatches,
         grad_accumulation=micro // g.minibatches * trained,
         trained_steps=trained,
-        sde_steps=sde_steps,
     )
 
 
@@ -413,6 +450,8 @@ def _format_error(err: dict[str, Any], root: type[StrictModel], prefix: str = ""
     if err["type"] == "missing":
         return f"{path}: required"
     msg = err["msg"].removeprefix("Value error, ")
+    if not path:  # a check across sections names its keys itself
+        return msg
     return f"{path}: {msg}" + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else "")
 
 
@@ -473,7 +512,7 @@ def parse_recipe(
     for item in overrides:
         apply_override(tree, *parse_override(item))
     recipe = validate_model(model, tree)
-    derive_layout(recipe)
+    recipe.layout  # validated here, kept on the recipe
     return recipe
 
 

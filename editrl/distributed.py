@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from editrl.base import RecipeError, free_port
+from editrl.base import RecipeError, free_port, launch_env
 from editrl.files import unique_keys
 from editrl.config import OptimConfig
 
@@ -48,18 +48,6 @@ def all_gather_traffic(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dic
                 calls += record[0]
                 nbytes += int(size) * record[0]
     return {"calls": calls, "bytes": nbytes}
-
-
-def launch_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) as set by torchrun / deepspeed / accelerate launch; (0, 1, 0) without one."""
-    env = os.environ
-    try:
-        return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
-    except ValueError:
-        raise RecipeError(
-            f"RANK={env.get('RANK')!r}, WORLD_SIZE={env.get('WORLD_SIZE')!r}, LOCAL_RANK={env.get('LOCAL_RANK')!r}: "
-            "the launcher's rank variables must be integers"
-        ) from None
 
 
 class LocalBackend:
@@ -225,7 +213,7 @@ class DeepSpeedBackend(LocalBackend):
         self.zero_root = recipe.output_dir / "checkpoints" / ZERO_DIR
         self.ds_config = deepspeed_config(recipe)
         self.stage = int(self.ds_config["zero_optimization"].get("stage", 0))
-        if recipe.optim.ema.enabled and self.stage == 3:
+        if recipe.optim.ema.enabled and self.stage == 3:  # the recipe checks its own zero_stage; this, distributed.config's
             raise RecipeError("optim.ema: not available with ZeRO-3 (the EMA would copy sharded, empty tensors); use distributed.zero_stage=2")
         self.device = torch.device(recipe.run.device)
         self._init_process_group()
@@ -263,6 +251,9 @@ class DeepSpeedBackend(LocalBackend):
         import deepspeed
 
         super().prepare(policy)  # the AdamW and warm-up schedule one process uses; ZeRO steps it on its flat shards
+        if not callable(getattr(policy, "modules_for_training", None)):
+            raise RecipeError("distributed.backend=deepspeed: this policy has no modules_for_training(), the modules "
+                              "DeepSpeed shards (editrl.policy.OPTIONAL); train it with distributed.backend=none")
         self.module = _Trained(list(policy.modules_for_training()))
         owned = {id(p) for p in self.module.parameters()}
         if any(id(p) not in owned for p in self.params):

@@ -20,6 +20,8 @@ editor can reproduce); `gap_closed_*` is the share of the copy-to-ceiling gap th
 
 from __future__ import annotations
 
+import itertools
+
 import csv
 import math
 from dataclasses import dataclass, field
@@ -256,14 +258,14 @@ def evaluate(
 
 
 def yardsticks(dataset: EditDataset, policy: Any = None, batch_size: int = 4, limit: int | None = None,
-               progress: bool = True) -> dict[str, EvalReport]:
+               progress: bool = True, device: str | torch.device | None = None) -> dict[str, EvalReport]:
     """`copy` (the sources as the edits) and, for a policy that `Reconstructs`, `ceiling` (the targets through its
-    autoencoder), scored on the policy's device like an editor. They never change while a policy trains: score them
-    once per evaluation set. Empty for data without sources and targets."""
+    autoencoder), scored on the policy's device (else `device`) like an editor. They never change while a policy
+    trains: score them once per evaluation set. Empty for data without sources and targets."""
     first = dataset[0] if len(dataset) else None
     if first is None or first.source is None or first.target is None:
         return {}
-    device = getattr(policy, "device", "cpu")
+    device = getattr(policy, "device", device or "cpu")
 
     def copy(samples: list[EditSample]) -> Tensor:
         return torch.stack([s.source for s in samples]).to(device)  # type: ignore[misc]
@@ -326,22 +328,31 @@ def save_grid(path: str | Path, picks: list[tuple[EditSample, list[Tensor]]], fr
     return path
 
 
-def checkpoint_editor(checkpoint: str | Path, steps: int | None = None, seed: int = 0, device: str = "cpu") -> tuple[EditFn, Any, Any]:
-    """An edit function backed by a trained checkpoint (GRPO or SFT), the checkpoint's recipe and its policy.
-
-    Each batch gets its own seed (`seed` + a batch counter), so results do not depend on what ran before.
-    """
-    from editrl.checkpoint import load_checkpoint
+def ode_editor(policy: Any, steps: int, shift: float, seed: int, batch_size: int) -> EditFn:
+    """Deterministic (ODE) edits, batch k drawing its noise from seed + k * batch_size (its first sample's index): the
+    same edits wherever the benchmark runs at the same batch size, in training's held-out evaluations or `editrl eval`."""
     from editrl.rollout import edit_videos
 
-    policy, recipe = load_checkpoint(checkpoint, device)
-    n_steps = steps or recipe.sampling.eval_steps or recipe.sampling.steps
-    counter = iter(range(seed, seed + 2**31))
+    seeds = itertools.count(seed, batch_size)
 
     def edit_fn(samples: list[EditSample]) -> Tensor:
-        return edit_videos(policy, samples, n_steps, recipe.sampling.shift, next(counter))
+        return edit_videos(policy, samples, steps, shift, next(seeds)).float()
 
-    return edit_fn, recipe, policy
+    return edit_fn
+
+
+def checkpoint_editor(checkpoint: str | Path, steps: int | None = None, seed: int | None = None, device: str = "cpu",
+                      batch_size: int | None = None) -> tuple[EditFn, Any, Any, int]:
+    """An edit function backed by a trained checkpoint (GRPO or SFT), its recipe, its policy and the batch size it
+    runs at. Seed and batch size default to the run's (`run.seed`, the micro-batch): the edits its training evaluated."""
+    from editrl.checkpoint import load_checkpoint
+    from editrl.config import derive_layout
+
+    policy, recipe = load_checkpoint(checkpoint, device)
+    batch = batch_size or derive_layout(recipe).micro_batch_size
+    s = recipe.sampling
+    edit_fn = ode_editor(policy, steps or s.eval_steps or s.steps, s.shift, recipe.run.seed if seed is None else seed, batch)
+    return edit_fn, recipe, policy, batch
 
 
 def recipe_rewards(recipe: Any) -> Any:
@@ -351,4 +362,5 @@ def recipe_rewards(recipe: Any) -> Any:
     terms = getattr(getattr(recipe, "rewards", None), "terms", None)
     if not terms:
         return None
-    return RewardSet([(t.key, t.weight, build_reward(t.name, t.options)) for t in terms], recipe.rewards.timeout_s)
+    return RewardSet([(t.key, t.weight, build_reward(t.name, recipe.plugin_options(f"rewards.terms.{i}", t.options)))
+                      for i, t in enumerate(terms)], recipe.rewards.timeout_s)

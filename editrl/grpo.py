@@ -7,12 +7,10 @@ get zero advantage, so a judge that failed never pushes the policy either way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
-
-from editrl.registry import Registry
 
 EPS = 1e-4
 
@@ -103,18 +101,16 @@ def aggregate_rewards(
 
 @dataclass
 class LossOutput:
-    loss: Tensor  # scalar, policy-gradient part only
-    ratio: Tensor  # (B,)
-    clipped: Tensor  # (B,) bool: the clipped branch was taken
-    approx_kl: Tensor  # scalar, E[(logp_old - logp_new)^2 / 2]
+    """A loss and what the trainer logs of it; the likelihood ratio's statistics only where an objective has one."""
+
+    loss: Tensor  # scalar
+    ratio: Tensor | None = None  # (B,) exp(logp - logp_old)
+    clipped: Tensor | None = None  # (B,) bool: the clipped branch was taken
+    approx_kl: Tensor | None = None  # scalar, E[(logp_old - logp_new)^2 / 2]
     extra: dict[str, Tensor] = field(default_factory=dict)  # further per-call scalars to log (kept on the device)
+    raw_ratio: Tensor | None = None  # (B,) the ratio before a normalisation (GRPO-Guard's), logged beside `ratio`
 
 
-Loss = Callable[[Tensor, Tensor, Tensor, float], LossOutput]
-LOSSES: Registry[Loss] = Registry("loss")
-
-
-@LOSSES.register("ppo_clip")
 def clipped_surrogate(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float) -> LossOutput:
     """mean(max(-A r, -A clip(r, 1-eps, 1+eps))), r = exp(logp - logp_old) (Flow-GRPO)."""
     ratio = torch.exp(log_prob - old_log_prob)
@@ -126,7 +122,6 @@ def clipped_surrogate(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor
     return LossOutput(loss, ratio.detach(), took_clip, approx_kl)
 
 
-@LOSSES.register("reinforce")
 def reinforce(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float) -> LossOutput:
     """-A r without clipping: the plain policy gradient, for ablations."""
     ratio = torch.exp(log_prob - old_log_prob)
@@ -156,7 +151,7 @@ def nft_loss(
     """DiffusionNFT's negative-aware loss (arXiv:2509.16117), as NVlabs/DiffusionNFT's train_nft_sd3.py computes it.
 
     Likelihood-free: no log-probabilities and no SDE. From the rollout it needs the clean sample x0, a fresh noising
-    x_t = (1 - t) x0 + t eps and the sampling policy's velocity v_old there (`editrl.rollout.nft_inputs`). With the
+    x_t = (1 - t) x0 + t eps and the sampling policy's velocity v_old there (`editrl.objectives.DiffusionNFT`). With the
     optimality probability r = clip(A / c, -1, 1) / 2 + 1/2 (c = adv_clip), the implicit positive and negative
     policies v+ = beta v + (1 - beta) v_old and v- = (1 + beta) v_old - beta v are regressed onto x0 through their x0
     predictions x_t - t v+-, each squared error divided by its detached mean absolute error (adaptive weighting):
@@ -174,13 +169,8 @@ def nft_loss(
     positive = weighted_error(beta * v.float() + (1 - beta) * v_old)
     negative = weighted_error((1 + beta) * v_old - beta * v.float())
     loss = (adv_clip * (r * positive + (1 - r) * negative) / beta).mean()
-    ones = torch.ones_like(r)
     deviation = ((v.detach().float() - v_old) ** 2).mean()
-    return LossOutput(loss, ones, torch.zeros_like(r, dtype=torch.bool), deviation.new_zeros(()), {"nft_old_deviation": deviation})
-
-
-nft_loss.likelihood_free = True  # type: ignore[attr-defined]  # the trainer calls it with velocities, not log-probs
-LOSSES.register("nft", nft_loss)  # type: ignore[arg-type]
+    return LossOutput(loss, extra={"nft_old_deviation": deviation})
 
 
 def kl_to_reference(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:

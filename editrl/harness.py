@@ -8,6 +8,7 @@ import json
 import shutil
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
@@ -21,7 +22,7 @@ from editrl.checkpoint import (checkpoint_steps, clean_interrupted, find_checkpo
 from editrl.config import Recipe, dump_recipe, read_yaml
 from editrl.data.base import EditDataset, build_dataset
 from editrl.distributed import make_backend
-from editrl.files import RunLock, check_flags, check_output, disk_full
+from editrl.files import RunLock, check_output, disk_full
 from editrl.monitor import WANDB_ID, Bar, RunLogger, announce, console, progress
 from editrl.preflight import device_problems
 from editrl.sentinel import Sentinel, save_best
@@ -108,11 +109,11 @@ class Timer:
 
 
 def start_process(recipe: Recipe, backend: Any, resume: bool, overwrite: bool = False) -> RunLock | None:
-    """What every loop does first, before any model is built: refuse contradictory flags, a device this machine does not
-    have, a run directory another process writes in (its lock is taken here: the main rank's, returned) or that holds
-    a run or an input this one would replace; tidy what an interrupted save left; set threads."""
+    """What every loop does first, before any model is built: refuse a device this machine does not have, a run
+    directory another process writes in (its lock is taken here: the main rank's, returned) or that holds a run or an
+    input this one would replace; tidy what an interrupted save left; set threads. (Contradictory flags are the
+    command's to refuse, before it reads the recipe: editrl.files.check_flags.)"""
     run_dir = recipe.output_dir
-    check_flags(resume, overwrite)
     problems = device_problems(recipe)
     if problems:
         raise RecipeError(problems[0])
@@ -252,6 +253,16 @@ def resume_point(recipe: Recipe, accept_changes: bool, shown: bool = True) -> Pa
     return ckpt
 
 
+@dataclass
+class RunResult:
+    """What a finished (or resumed and finished) run returns: where it is, its last step, and counts over all its
+    steps and ranks (Edit-GRPO: `samples/trained`, `reward/<term>/invalid`), kept in its checkpoints across resumes."""
+
+    run_dir: Path
+    step: int
+    totals: dict[str, float] = field(default_factory=dict)
+
+
 class Harness:
     """A run built from its recipe: policy, backend, data, cursor; resumed, saved and fitted one way for every loop.
 
@@ -287,23 +298,24 @@ class Harness:
         torch.manual_seed(self.seed())
         self.resume_from = resume_point(recipe, accept_changes, self.backend.is_main) if resume else None
         self.device = torch.device(recipe.run.device)
-        self.policy = policy_from_recipe(recipe, init_from=False)
-        if recipe.policy.init_from:
-            self.make_init(resume)
-            self.policy.load_trainable(find_checkpoint(recipe.policy.init_from))
+        init = recipe.policy.init_from
+        if init is not None and not Path(init).exists():
+            raise TrainingError(f"policy.init_from: {init} does not exist; its warm start (policy.warm_start) is made by "
+                                "`editrl train` (editrl.job.run) before this run starts")
+        self.policy = policy_from_recipe(recipe)
         self.check_policy()
         self.backend.prepare(self.policy)
         self.ema = self._make_ema()
-        self.train_data: EditDataset = build_dataset(recipe.data.train.kind, recipe.data.train.options)
+        self.train_data: EditDataset = build_dataset(recipe.data.train.kind, recipe.plugin_options("data.train", recipe.data.train.options))
         self.eval_data: EditDataset | None = (
-            build_dataset(recipe.data.eval.kind, recipe.data.eval.options) if recipe.data.eval else None
+            build_dataset(recipe.data.eval.kind, recipe.plugin_options("data.eval", recipe.data.eval.options))
+            if recipe.data.eval else None
         )
         self.cursor = DataCursor(len(self.train_data), recipe.run.seed, recipe.data.shuffle)
         self.loader = Prefetcher(self.train_data)
         self.step = 0
+        self.totals: dict[str, float] = {}  # counts summed over the run's steps and ranks (RunResult.totals)
         self.sentinel = Sentinel(recipe.train.sentinel) if recipe.train.sentinel else None
-        if self.sentinel is not None and (self.eval_data is None or recipe.train.eval_every is None):
-            raise RecipeError("train.sentinel watches held-out evaluations: set data.eval and train.eval_every, or drop it")
         self.stopping = False  # set by the sentinel's alarm when train.sentinel.stop
         self.build()  # before resuming: whatever it draws from torch's RNG, an uninterrupted run drew too
         if self.resume_from is not None:
@@ -318,11 +330,12 @@ class Harness:
         """torch's global seed for this process."""
         return derive_seed(self.recipe.run.seed, self.backend.rank)
 
-    def make_init(self, resume: bool) -> None:
-        """Runs before `policy.init_from` is loaded (Edit-GRPO makes it with its warm start)."""
-
     def check_policy(self) -> None:
         """Refuses a policy the loop cannot train (one line)."""
+
+    def counted(self, metrics: dict[str, float]) -> list[str]:
+        """The step's metrics that are counts, summed into `totals` (what a run returns for its summary)."""
+        return []
 
     def build(self) -> None:
         """The loop's own parts (rewards, schedules, worker pools)."""
@@ -371,6 +384,7 @@ class Harness:
             self.sentinel.state = state["sentinel"]
         self.step = int(info["step"])
         self.cursor.position = int(info["cursor"])
+        self.totals = dict(info.get("totals", {}))
 
     def save(self) -> Path | None:
         self.backend.save_shards(f"step_{self.step:06d}")  # collective, before `latest` can name this step
@@ -383,11 +397,12 @@ class Harness:
             if self.sentinel is not None:
                 state["sentinel"] = self.sentinel.state
             return save_checkpoint(
-                self.run_dir, self.step, self.recipe, self.policy, state, {"cursor": self.cursor.position},
+                self.run_dir, self.step, self.recipe, self.policy, state,
+                {"cursor": self.cursor.position, "totals": self.totals},
                 keep=self.recipe.train.keep_checkpoints,
             )
 
-    def fit(self) -> Path:
+    def fit(self) -> RunResult:
         t = self.recipe.train
         main = self.backend.is_main
         evals: list[int] = []  # held-out evaluations: before training, every eval_every steps and at the last step
@@ -415,7 +430,7 @@ class Harness:
             self.finish()
         finally:
             self.release()
-        return self.run_dir
+        return RunResult(self.run_dir, self.step, dict(self.totals))
 
     def _loop(self, evals: list[int]) -> None:
         t, main = self.recipe.train, self.backend.is_main
@@ -425,6 +440,8 @@ class Harness:
                 self.logger.log(0, self._evaluate(held_out))
             while self.step < t.steps and not self.stopping:
                 metrics = self.train_step()
+                for key in self.counted(metrics):  # rank means: times the ranks, a total
+                    self.totals[key] = self.totals.get(key, 0.0) + metrics[key] * self.backend.world_size
                 if self.sentinel is not None:
                     self.sentinel.record(metrics)
                 if self.step in evals:

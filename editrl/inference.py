@@ -227,15 +227,16 @@ def sft(
         from editrl.config import SftRecipe, parse_recipe
         from editrl.files import refuse_if_in_use
 
-        refuse_if_in_use(parse_recipe(recipe, overrides or [], SftRecipe).output_dir)  # before the models load
+        rec = parse_recipe(recipe, overrides or [], SftRecipe)
+        refuse_if_in_use(rec.output_dir)  # before the models load
 
         from editrl.monitor import LIBRARY_LOG, library_log
-        from editrl.preflight import load_sft_recipe
+        from editrl.preflight import checked
         from editrl.sft import SftTrainer
 
-        rec = load_sft_recipe(recipe, overrides or [])
+        checked(rec, overrides or [])
         with library_log(rec.output_dir / LIBRARY_LOG):
-            run_dir = SftTrainer(rec, resume=resume).fit()
+            run_dir = SftTrainer(rec, resume=resume).fit().run_dir
         console.print(f"[green]done[/green]: {run_dir} (start GRPO from it with policy.init_from={run_dir})")
 
     run_cli(go)

@@ -1,10 +1,12 @@
 """The policy contract: a flow-matching model with trainable parts.
 
-`Policy` is the protocol the trainer relies on. `LoraPolicy` is an optional base class that implements
-the LoRA half of it (trainable parameters, reference model, save/load) with peft for any policy whose
-denoiser is a diffusers model, so a new model only writes encode / init_noise / velocity / decode. It also runs
-the denoiser at the card's pace (docs/performance.md): the adapter path in the model's dtype, the repeated blocks
-compiled (`DenoiserOptions.compile`) and the attention backend of the recipe's choice (`DenoiserOptions.attention`).
+`Policy` is the whole contract: the members the engine calls (required), and `OPTIONAL` ones that a policy may have,
+each with the engine's behaviour when it does not (tests/test_architecture.py holds the engine to this list).
+`LoraPolicy` is an optional base class that implements the LoRA half of it (trainable parameters, reference model,
+save/load, the optional members) with peft for any policy whose denoiser is a diffusers model, so a new model only
+writes encode / init_noise / velocity / decode. It also runs the denoiser at the card's pace (docs/performance.md):
+the adapter path in the model's dtype, the repeated blocks compiled (`DenoiserOptions.compile`) and the attention
+backend of the recipe's choice (`DenoiserOptions.attention`).
 """
 
 from __future__ import annotations
@@ -48,9 +50,37 @@ class Policy(Protocol):
     def reference(self) -> contextlib.AbstractContextManager[None]:
         """Within this context the policy is the frozen reference (adapter disabled)."""
 
-    def save_trainable(self, directory: str | Path) -> None: ...
+    def save_trainable(self, directory: str | Path) -> None:
+        """Writes the trainable weights (a checkpoint's); `load_trainable` reads them back into a fresh policy."""
 
     def load_trainable(self, directory: str | Path) -> None: ...
+
+
+# What a policy may also have, and what the engine does when it has not. A policy class is built as
+# `cls(options, device=..., dtype=...)`, `options` validated by its `Options` model if it has one (else the dict).
+OPTIONAL: dict[str, str] = {
+    "Options": "a StrictModel of the recipe's policy.options; without it they come as a dict, unchecked",
+    "preflight": "classmethod (options) -> list[str]: what `--dry-run` reports missing; without it: nothing missing",
+    "job_phases": "classmethod (options) -> keys of editrl.monitor.PHASES the policy announces while it is built (a "
+                  "tiny preset it builds), numbered in `editrl train`'s list of phases; without it: none",
+    "modules_for_training": "() -> modules whose train()/eval() follow the update, and that DeepSpeed shards: without "
+                            "it no mode switches, and distributed.backend=deepspeed is refused",
+    "device": "where the policy computes (the held-out evaluation's metrics): without it the recipe's run.device",
+    "encode_target": "(samples) -> x0 latents of the targets: what `editrl sft` trains towards; without it SFT is refused",
+    "reconstruct": "(video) -> the video through the autoencoder (`Reconstructs`): the evaluation's ceiling; without it "
+                   "no ceiling yardstick",
+    "conform_video": "(video) -> (video, note or None): `editrl edit` makes an input fit (an image must stay one frame, "
+                     "else `--image` is refused); without it inputs go as they are",
+    "edits_video": "False for a model that ignores the source (text-to-video): `editrl edit` refuses it; default True",
+    "guidance_scale": "a settable float, the classifier-free guidance `editrl edit --guidance-scale` sets; without it "
+                      "that flag is refused",
+}
+
+
+def modules_for_training(policy: Any) -> list[nn.Module]:
+    """The policy's `modules_for_training()`, or none (OPTIONAL)."""
+    fn = getattr(policy, "modules_for_training", None)
+    return list(fn()) if fn is not None else []
 
 
 @runtime_checkable
@@ -131,7 +161,7 @@ class LoraPolicy:
 
     Options: ClassVar[type[StrictModel]]
     default_lora_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
-    default_attention: ClassVar[str] = "native"  # what `attention: auto` means for this policy's denoiser
+    default_attention: ClassVar[str] = "native"  # what `attention: auto` means for this policy's denoiser, where it runs
     adapter_file: ClassVar[str] = "adapter.safetensors"
     extra_file: ClassVar[str] = "trainable.safetensors"
 
@@ -146,7 +176,9 @@ class LoraPolicy:
 
     def configure_denoiser(self, options: DenoiserOptions) -> None:
         """The attention backend, and the repeated blocks compiled (lazily: the first call traces them, LoRA included)."""
-        name = self.default_attention if options.attention == "auto" else options.attention
+        name = options.attention
+        if name == "auto":  # the policy's default where it runs (a CUDA kernel on a GPU), else torch's own choice
+            name = self.default_attention if attention_problem(self.default_attention, self.device) is None else "native"
         problem = attention_problem(name, self.device)
         if problem:
             raise RecipeError(f"policy.options.attention={name}: {problem}")

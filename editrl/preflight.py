@@ -21,7 +21,7 @@ from typing import Any
 
 from editrl.base import RecipeError
 from editrl.config import Recipe, SftRecipe, parse_recipe, validate_model
-from editrl.registry import DATASETS, POLICIES, REWARDS, Registry, RegistryError, did_you_mean
+from editrl.registry import DATASETS, POLICIES, REWARDS, Registry, RegistryError
 
 DATA_VIDEOS = frozenset({"source", "target"})  # what a reward may need that only data holds (masks are optional)
 
@@ -36,9 +36,26 @@ def load_recipe(
 
     `check_paths=False` skips data and init paths (a checkpoint's recipe, read back only to rebuild the policy).
     """
-    recipe = parse_recipe(source, overrides, model)
+    return checked(parse_recipe(source, overrides, model), overrides, check_paths)
+
+
+def checked(recipe: Recipe, overrides: list[str] | tuple[str, ...] = (), check_paths: bool = True) -> Recipe:
+    """A parsed recipe (`parse_recipe`, with these `overrides`) cross-checked against its plugins and paths."""
+    trust_typed(recipe, overrides)
     check(recipe, check_paths)
     return recipe
+
+
+def trust_typed(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> None:
+    """A `module:attr` the user typed on the command line is their own decision, as running a script is: its module
+    joins `run.plugins`, so the run's recipe.yaml (and a checkpoint's) says where its code comes from. Recipe files and
+    checkpoints still name only what their `run.plugins` lists; the standard library stays refused."""
+    typed = "\n".join(overrides)
+    for _, name in plugin_names(recipe):
+        module = name.partition(":")[0]
+        top = module.split(".")[0]
+        if ":" in name and name in typed and module not in recipe.run.plugins and top != "editrl" and top not in sys.stdlib_module_names:
+            recipe.run.plugins.append(module)
 
 
 def load_sft_recipe(
@@ -54,10 +71,20 @@ def _lookup(registry: Registry[Any], name: str, where: str) -> Any:
         raise RecipeError(f"{where}: {e}") from None
 
 
-def _known(registry: Registry[Any], name: str, where: str, what: str) -> None:
-    if name not in registry.names():
-        known = registry.names()
-        raise RecipeError(f"{where}: unknown {what} {name!r}{did_you_mean(name, known)}; known: {', '.join(known)}")
+def _sde_kind(recipe: Recipe) -> None:
+    """`sampling.sde` names a transition that takes a test step: imported (built-in, module:attr, entry point) and run."""
+    import torch
+
+    from editrl.sde import SDE_KINDS, step
+
+    s = recipe.sampling
+    if not callable(_lookup(SDE_KINDS, s.sde, "sampling.sde")):
+        raise RecipeError(f"sampling.sde: {s.sde} is not a function (x, v, t, t_next, noise_level) -> (mean, std)")
+    x = torch.zeros(1, 2)
+    try:
+        step(s.sde, x, x, 0.5, 0.4, noise_level=s.noise_level)
+    except Exception as e:
+        raise RecipeError(f"sampling.sde: {s.sde} failed on a test step (sigma 0.5 -> 0.4): {type(e).__name__}: {e}") from None
 
 
 def options_model(obj: Any) -> Any:
@@ -66,7 +93,7 @@ def options_model(obj: Any) -> Any:
 
 
 def plugin_names(recipe: Recipe) -> list[tuple[str, str]]:
-    """(recipe key, name) of every plugin a recipe names: its policy, dataset kinds, generators and rewards."""
+    """(recipe key, name) of every plugin a recipe names: its policy, dataset kinds, generators, loss, SDE kind, rewards."""
     names = [("policy.name", recipe.policy.name)]
     for split in ("train", "eval"):
         src = getattr(recipe.data, split)
@@ -74,6 +101,7 @@ def plugin_names(recipe: Recipe) -> list[tuple[str, str]]:
             names.append((f"data.{split}.kind", src.kind))
             if src.kind == "synthetic" and isinstance(src.options.get("generator"), str):
                 names.append((f"data.{split}.options.generator", src.options["generator"]))
+    names += [("grpo.loss", recipe.grpo.loss), ("sampling.sde", recipe.sampling.sde)]
     return names + [(f"rewards.terms.{i}.name", t.name) for i, t in enumerate(recipe.rewards.terms)]
 
 
@@ -104,25 +132,18 @@ def _callable(obj: Any, name: str, where: str, what: str) -> None:
 
 def check(recipe: Recipe, check_paths: bool = True) -> None:
     """Plugin names are allowed and exist, their options validate, the warm start is a valid SFT recipe, paths exist."""
-    from editrl.grpo import LOSSES
-    from editrl.sde import SDE_KINDS
+    from editrl.objectives import build_objective
 
     if "wandb" in recipe.run.loggers and importlib.util.find_spec("wandb") is None:
         raise RecipeError("run.loggers: wandb is not installed: pip install 'editrl[wandb]', or drop it")
     for where, name in plugin_names(recipe):
         check_source(name, where, recipe.run.plugins)
-    _known(SDE_KINDS, recipe.sampling.sde, "sampling.sde", "sde kind")
-    _known(LOSSES, recipe.grpo.loss, "grpo.loss", "loss")
+    _sde_kind(recipe)
+    build_objective(recipe)
     policy_cls = _lookup(POLICIES, recipe.policy.name, "policy.name")
     _callable(policy_cls, recipe.policy.name, "policy.name", "policy")
     if options_model(policy_cls) is not None:
-        validate_model(policy_cls.Options, recipe.policy.options, "policy.options.")
-    d = recipe.distributed
-    if d.backend == "deepspeed" and d.zero_stage == 3 and recipe.policy.options.get("compile"):
-        raise RecipeError(
-            "policy.options.compile: compiled DiT blocks cannot run under ZeRO-3, which gathers each layer's shards "
-            "inside the blocks: use distributed.zero_stage=2, or policy.options.compile=false"
-        )
+        recipe.keep_options("policy", validate_model(policy_cls.Options, recipe.policy.options, "policy.options."))
     pc = recipe.policy
     if pc.warm_start is not None:
         if pc.init_from is None:
@@ -140,7 +161,7 @@ def check(recipe: Recipe, check_paths: bool = True) -> None:
         cls = _lookup(DATASETS, src.kind, f"data.{split}.kind")
         _callable(cls, src.kind, f"data.{split}.kind", "dataset")
         if options_model(cls) is not None:
-            validate_model(cls.Options, src.options, f"data.{split}.options.")
+            recipe.keep_options(f"data.{split}", validate_model(cls.Options, src.options, f"data.{split}.options."))
     missing = _data(recipe, "") if check_paths else []
     if missing:
         raise RecipeError(missing[0])
@@ -155,7 +176,7 @@ def check(recipe: Recipe, check_paths: bool = True) -> None:
         _callable(reward, term.name, f"rewards.terms.{i}.name", "reward")
         opts = options_model(reward)
         if opts is not None:
-            validate_model(opts, term.options, f"rewards.terms.{i}.options.")
+            recipe.keep_options(f"rewards.terms.{i}", validate_model(opts, term.options, f"rewards.terms.{i}.options."))
 
 
 def check_reward_inputs(recipe: Recipe) -> None:
@@ -185,9 +206,10 @@ def preflight(recipe: Recipe) -> list[str]:
         else:
             sft = load_sft_recipe(pc.warm_start, pc.warm_start_overrides, check_paths=False)
             problems += _data(sft, f"policy.warm_start ({pc.warm_start}): ")
-    problems += [f"policy ({pc.name}): {p}" for p in _hook(POLICIES.get(pc.name), pc.options)]
+    problems += [f"policy ({pc.name}): {p}" for p in _hook(POLICIES.get(pc.name), recipe.plugin_options("policy", pc.options))]
     for i, term in enumerate(recipe.rewards.terms):
-        problems += [f"rewards.terms.{i} ({term.key}): {p}" for p in _hook(REWARDS.get(term.name), term.options)]
+        options = recipe.plugin_options(f"rewards.terms.{i}", term.options)
+        problems += [f"rewards.terms.{i} ({term.key}): {p}" for p in _hook(REWARDS.get(term.name), options)]
     return problems
 
 
@@ -196,8 +218,8 @@ def _data(recipe: Recipe, prefix: str) -> list[str]:
     problems = []
     for split in ("train", "eval"):
         src = getattr(recipe.data, split)
-        options = options_model(DATASETS.get(src.kind)) if src is not None else None
-        check_fn = getattr(options.model_validate(src.options), "check", None) if options is not None else None
+        options = recipe.plugin_options(f"data.{split}", None) if src is not None else None
+        check_fn = getattr(options, "check", None)
         if check_fn is None:
             continue
         try:
@@ -250,9 +272,7 @@ def check_device(name: str, key: str) -> None:
         raise RecipeError(problem)
 
 
-def _hook(plugin: Any, options: dict[str, Any]) -> list[str]:
+def _hook(plugin: Any, options: Any) -> list[str]:
+    """A plugin's `preflight(options)`, given its options as the recipe's check validated them."""
     hook = getattr(plugin, "preflight", None)
-    if hook is None:
-        return []
-    model = getattr(plugin, "Options", None)
-    return list(hook(model.model_validate(options) if model is not None else options))
+    return [] if hook is None else list(hook(options))

@@ -154,6 +154,8 @@ POLICIES: Registry[Any] = Registry(
     {
         "toy_t2v": "editrl.policies.toy:ToyT2VPolicy",
         "viva": "editrl.policies.viva:VivaPolicy",
+        "qwen_image_edit": "editrl.policies.image.qwen_image_edit:QwenImageEditPolicy",
+        "flux_kontext": "editrl.policies.image.flux_kontext:FluxKontextPolicy",
     },
 )
 REWARDS: Registry[Any] = Registry(

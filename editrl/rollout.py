@@ -61,7 +61,7 @@ def rollout(
     """Sample a batch of trajectories and keep (x, x_next, log p) at the trained steps only.
 
     `keep_means` also keeps each trained step's transition mean (`extras["mean"]`), which GRPO-Guard compares with.
-    `keep_latents=False` keeps no (x, x_next) pairs (empty (B, 0) tensors): a likelihood-free loss trains on its own
+    `keep_latents=False` keeps no (x, x_next) pairs (empty (B, 0) tensors): a likelihood-free objective trains on its own
     noised copies of the final sample, and at video scale the pairs are the rollout's largest tensors.
 
     Everything stays on the policy's device and the loop reads nothing back from it (sigmas are host floats,
@@ -99,25 +99,6 @@ def rollout(
         final=x,
         extras={"mean": torch.stack(means, 1)} if keep_means else {},
     )
-
-
-@torch.no_grad()
-def nft_inputs(
-    policy: Policy, cond: Condition, x0: Tensor, sigmas: Tensor, generator: torch.Generator
-) -> dict[str, Tensor]:
-    """What DiffusionNFT trains on, per trained sigma t: x_t = (1 - t) x0 + t eps with fresh noise, and the sampling
-    policy's velocity there (its "old" policy); (B, S, ...) each, as `Trajectory.extras`.
-
-    Computed with the rollout, before any update, so `v_old` stays the sampling policy's however many updates follow.
-    """
-    x0 = x0.float()
-    noised, old = [], []
-    for t in sigmas.tolist():
-        eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
-        x_t = (1 - t) * x0 + t * eps
-        noised.append(x_t)
-        old.append(policy.velocity(x_t, torch.full((x0.shape[0],), t, device=x0.device), cond).float())
-    return {"nft_x_t": torch.stack(noised, 1), "nft_v_old": torch.stack(old, 1)}
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ class SdeStep:
 
 
 Transition = Callable[[Tensor, Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
-SDE_KINDS: Registry[Transition] = Registry("sde kind")
+SDE_KINDS: Registry[Transition] = Registry("sde kind", "editrl.sde_kinds")
 
 
 def _expand(s: float | Tensor, like: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from editrl.base import DataError, RecipeError
 from editrl.config import SftConfig, SftRecipe
+from editrl.policy import modules_for_training
 from editrl.harness import Harness, derive_seed
 from editrl.types import EditSample
 
@@ -93,14 +94,14 @@ class SftTrainer(Harness):
         samples = self.loader.get(self.cursor.take(r.sft.batch_size))
         self.loader.prefetch(self.cursor.peek(r.sft.batch_size))
         _requires_targets(samples)
-        for m in self.policy.modules_for_training():
+        for m in modules_for_training(self.policy):
             m.train()
         gen = torch.Generator().manual_seed(derive_seed(r.run.seed, self.step))
         loss = flow_matching_loss(self.policy, samples, r.sft, r.sampling.shift, gen, forward=self.backend.forward)
         self.backend.backward(loss)
         grad_norm = self.backend.step()
         self.backend.schedule_step()
-        for m in self.policy.modules_for_training():
+        for m in modules_for_training(self.policy):
             m.eval()
         self.step += 1
         return {"train/loss": float(loss.detach()), "train/grad_norm": grad_norm, "lr": self.backend.lr, "time/step": time.perf_counter() - t0}

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from editrl.harness import RunResult
 from editrl.monitor import LIBRARY_LOG, duration, read_metrics
 
 
@@ -108,31 +109,24 @@ def run_summary(run_dir: Path, recipe: Any) -> tuple[list[tuple[str, str]], list
     return places, commands
 
 
-def unscored_samples(run_dir: Path, world_size: int = 1) -> tuple[list[str], bool]:
-    """(per reward with invalid scores, how many samples it gave no score over the run; whether any sample was trained),
-    from an Edit-GRPO run's metrics.jsonl, whose per-step counts are means over ranks."""
-    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "samples/trained" in r]
-    keys = sorted({k for r in rows for k in r if k.startswith("reward/") and k.endswith("/invalid")})
-    lines = []
-    for key in keys:
-        bad = sum(r.get(key) or 0 for r in rows) * world_size
-        if bad:
-            lines.append(f"reward {key[7:-8]!r} gave no score to {bad:g} samples in {len(rows)} step{'s' * (len(rows) != 1)}")
-    return lines, not rows or any(r["samples/trained"] for r in rows)
+def unscored_samples(result: RunResult) -> list[str]:
+    """Per reward that gave invalid scores, how many samples it left unscored over the run (its returned totals)."""
+    keys = sorted(k for k in result.totals if k.startswith("reward/") and k.endswith("/invalid"))
+    steps = f"{result.step} step{'s' * (result.step != 1)}"
+    return [f"reward {k[7:-8]!r} gave no score to {result.totals[k]:g} samples in {steps}" for k in keys if result.totals[k]]
 
 
-def nothing_trained(run_dir: Path, world_size: int = 1) -> str | None:
-    """Why an Edit-GRPO run trained no sample at all (one line), or None when it trained some."""
-    lines, trained = unscored_samples(run_dir, world_size)
-    if trained:
+def nothing_trained(result: RunResult) -> str | None:
+    """Why an Edit-GRPO run trained no sample at all (one line), or None when it trained some (or ran no step here)."""
+    if result.totals.get("samples/trained", 1.0) or not result.step:
         return None
-    why = "; ".join(lines) or "every group's rewards tied, so every advantage was 0"
-    return f"nothing was trained in {_show(run_dir)}: {why}. Fix the rewards (see the warning above), then rerun with --overwrite"
+    why = "; ".join(unscored_samples(result)) or "every group's rewards tied, so every advantage was 0"
+    return f"nothing was trained in {_show(result.run_dir)}: {why}. Fix the rewards (see the warning above), then rerun with --overwrite"
 
 
-def print_run_summary(run_dir: Path, recipe: Any, seconds: float, console: Console, world_size: int = 1) -> None:
-    places, commands = run_summary(run_dir, recipe)
-    places += [("unscored samples", line) for line in unscored_samples(run_dir, world_size)[0]]
+def print_run_summary(result: RunResult, recipe: Any, seconds: float, console: Console) -> None:
+    places, commands = run_summary(result.run_dir, recipe)
+    places += [("unscored samples", line) for line in unscored_samples(result)]
     table = Table.grid(padding=(0, 2))
     for what, where in places:
         table.add_row(f"  {what}", escape(where))

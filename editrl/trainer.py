@@ -7,9 +7,7 @@ protocol and the rewards only through `RewardSet`.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import itertools
 import math
-import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -20,14 +18,15 @@ import torch
 from torch import Tensor
 
 from editrl import grpo, sde
-from editrl.base import RecipeError, TrainingError
-from editrl.checkpoint import checkpoint_steps, find_checkpoint
-from editrl.config import Layout, Recipe, derive_layout
-from editrl.evaluate import ORACLE_COLUMNS, YARDSTICKS, EvalReport, recipe_rewards, save_grid
+from editrl.objectives import TrainedStep, build_objective
+from editrl.base import TrainingError
+from editrl.config import Layout, Recipe
+from editrl.evaluate import ORACLE_COLUMNS, YARDSTICKS, EvalReport, ode_editor, recipe_rewards, save_grid
+from editrl.policy import modules_for_training
 from editrl.harness import Harness, Timer, derive_seed
-from editrl.monitor import console, skipped
+from editrl.monitor import console
 from editrl.reward import RewardSet, reward_batch
-from editrl.rollout import edit_videos, nft_inputs, plan_steps, rollout
+from editrl.rollout import plan_steps, rollout
 from editrl.types import Condition, EditSample, RewardOutput, Trajectory
 
 
@@ -66,24 +65,15 @@ class Trainer(Harness):
 
     label, phase, eval_phase = "Edit-GRPO", "grpo", "eval"
 
-    def make_init(self, resume: bool) -> None:
-        if self.recipe.policy.warm_start and not resume:
-            if self.backend.is_main:  # one process builds it; the other ranks wait, then load it
-                warm_start(self.recipe)
-            self.backend.barrier()
-
     def build(self) -> None:
         recipe = self.recipe
-        self.layout: Layout = derive_layout(recipe, self.backend.world_size)
+        self.layout: Layout = recipe.layout
+        if self.layout.world_size != self.backend.world_size:
+            raise TrainingError(f"the recipe was laid out for {self.layout.world_size} rank(s), the backend has "
+                                f"{self.backend.world_size}: read the recipe in the process that trains it")
         self.rewards: RewardSet = recipe_rewards(recipe)
         self.sigmas = sde.sigma_schedule(recipe.sampling.steps, recipe.sampling.shift)
-        self.likelihood_free: bool = getattr(grpo.LOSSES.get(recipe.grpo.loss), "likelihood_free", False)
-        d = recipe.distributed
-        if recipe.grpo.resample_tied and d.backend == "deepspeed" and d.zero_stage == 3 and not d.rollout_gather:
-            raise RecipeError(
-                "grpo.resample_tied rolls extra groups out on some ranks only, which ZeRO-3's per-layer gathers cannot "
-                "follow: set distributed.rollout_gather=true or grpo.resample_tied=0"
-            )
+        self.objective = build_objective(recipe)
         self._last_rollouts: Rollouts | None = None
         self.warned: set[str] = set()  # rewards whose invalid scores were reported
         self.yardsticks: dict[str, EvalReport] | None = None  # the eval split's copy and ceiling, scored once
@@ -130,10 +120,9 @@ class Trainer(Harness):
                 traj = rollout(
                     self.policy, cond, self.sigmas, sde_steps=sde_steps, trained_steps=trained,
                     kind=s.sde, noise_level=s.noise_level, generator=gen, cps_logprob=s.cps_logprob,
-                    keep_means=g.ratio_norm, keep_latents=not self.likelihood_free,
+                    keep_means=self.objective.keeps_means, keep_latents=self.objective.keeps_latents,
                 )
-                if self.likelihood_free:
-                    traj.extras.update(nft_inputs(self.policy, cond, traj.final, traj.sigmas, gen))
+                traj.extras.update(self.objective.after_rollout(self.policy, cond, traj, gen))
             with timer("decode"), torch.no_grad():
                 pixels = self.policy.decode(traj.final).float()
             members = [smp for smp in chunk for _ in range(g.group_size)]
@@ -255,12 +244,11 @@ class Trainer(Harness):
         micro = [(idx[i : i + mb], 1.0) for i in range(0, idx.numel(), mb)]
         micro += [(torch.arange(mb), 0.0)] * (max(real) - len(micro))
         per_update = max(1, -(-len(micro) // g.minibatches))
-        loss_fn = grpo.LOSSES.get(g.loss)
         grad_norms: list[float] = []
         # Statistics stay on the device until the update is done: reading one back would stall every micro-step.
         stats: dict[str, list[Tensor]] = defaultdict(list)
         ratio_by_step: dict[tuple[int, str], list[Tensor]] = defaultdict(list)  # (step, "" or "raw_"): ratios
-        for m in self.policy.modules_for_training():
+        for m in modules_for_training(self.policy):
             m.train()
         with timer("train"):
             for u in range(0, len(micro), per_update):
@@ -271,23 +259,25 @@ class Trainer(Harness):
                     cond, traj = ro.cond.index(mb_idx), ro.traj.index(mb_idx)
                     a = adv[mb_idx].to(self.device)
                     for k, step_i in enumerate(ro.traj.steps):
-                        loss, out, extra = self._step_loss(traj, k, cond, a, loss_fn)
-                        self.backend.backward(loss * weight / n_back)
+                        out = self.objective.loss(self._trained_step(k, traj, cond, a))
+                        self.backend.backward(out.loss * weight / n_back)
                         if not weight:
                             continue
-                        stats["loss"].append(loss.detach())
-                        if not self.likelihood_free:
-                            stats["clip_frac"].append(out.clipped.float().mean())
-                            stats["approx_kl"].append(out.approx_kl)
+                        stats["loss"].append(out.loss.detach())
+                        if out.ratio is not None:
                             ratio_by_step[step_i, ""].append(out.ratio)
-                        if "raw_ratio" in extra:  # GRPO-Guard: the ratio before normalisation
-                            ratio_by_step[step_i, "raw_"].append(extra.pop("raw_ratio"))
-                        for key, value in extra.items():
+                        if out.raw_ratio is not None:
+                            ratio_by_step[step_i, "raw_"].append(out.raw_ratio)
+                        if out.clipped is not None:
+                            stats["clip_frac"].append(out.clipped.float().mean())
+                        if out.approx_kl is not None:
+                            stats["approx_kl"].append(out.approx_kl)
+                        for key, value in out.extra.items():
                             stats[key].append(value)
                 grad_norms.append(self.backend.step())
                 if self.ema is not None:
                     self.ema.step(self.policy.trainable_parameters())
-        for m in self.policy.modules_for_training():
+        for m in modules_for_training(self.policy):
             m.eval()
         names, values = [f"train/{k}" for k in stats], [torch.stack(v).float().mean() for v in stats.values()]
         for (step_i, kind), ratios in sorted(ratio_by_step.items()):
@@ -298,43 +288,19 @@ class Trainer(Harness):
         metrics.update(zip(names, host))
         metrics["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
 
-    def _step_loss(
-        self, traj: Trajectory, k: int, cond: Condition, adv: Tensor, loss_fn: Any
-    ) -> tuple[Tensor, Any, dict[str, Tensor]]:
-        """Loss of trained step `k` for a micro-batch's trajectory; the KL's reference forward only when beta > 0.
+    def _trained_step(self, k: int, traj: Trajectory, cond: Condition, adv: Tensor) -> TrainedStep:
+        """Trained step `k` of a micro-batch, with the policy's velocity there run through the backend (DeepSpeed's
+        hooks see it) and the reference's run without gradients, for the objective's loss."""
+        sigma = torch.full((adv.shape[0],), float(traj.sigmas[k]), device=self.device)
 
-        A likelihood-free loss (DiffusionNFT) sees velocities at its own noised x0 instead of the SDE step's density.
-        """
-        s, g = self.recipe.sampling, self.recipe.grpo
-        x = traj.extras["nft_x_t"][:, k] if self.likelihood_free else traj.latents[:, k]
-        sigma, sigma_next = float(traj.sigmas[k]), float(traj.sigmas_next[k])
-        sigma_vec = torch.full((x.shape[0],), sigma, device=x.device)
-        v = self.backend.forward(self.policy.velocity, x, sigma_vec, cond)
-        extra: dict[str, Tensor] = {}
-        if self.likelihood_free:
-            pg = loss_fn(v, traj.extras["nft_v_old"][:, k], x, traj.final, sigma, adv, beta=g.nft.beta, adv_clip=g.adv_clip)
-        else:
-            kw = {"noise_level": s.noise_level, "cps_logprob": s.cps_logprob}
-            out = sde.step(s.sde, x, v, sigma, sigma_next, prev_sample=traj.next_latents[:, k], **kw)
-            if g.ratio_norm:
-                guard = grpo.guard_log_ratio(out.prev_sample, out.mean, traj.extras["mean"][:, k], out.std)
-                extra["raw_ratio"] = torch.exp(out.log_prob - traj.log_probs[:, k]).detach()
-                pg = loss_fn(guard, torch.zeros_like(guard), adv, g.clip_range)
-            else:
-                pg = loss_fn(out.log_prob, traj.log_probs[:, k], adv, g.clip_range)
-        extra |= {**pg.extra, "pg_loss": pg.loss.detach()}
-        loss = pg.loss
-        if g.beta > 0:
+        def velocity(x: Tensor) -> Tensor:
+            return self.backend.forward(self.policy.velocity, x, sigma, cond)
+
+        def reference(x: Tensor) -> Tensor:
             with torch.no_grad(), self.policy.reference():
-                v_ref = self.backend.forward(self.policy.velocity, x, sigma_vec, cond)
-            if self.likelihood_free:  # DiffusionNFT's KL term, in velocity space
-                kl = ((v.float() - v_ref.float()) ** 2).mean()
-            else:
-                ref = sde.step(s.sde, x, v_ref, sigma, sigma_next, prev_sample=out.prev_sample, **kw)
-                kl = grpo.kl_to_reference(out.mean, ref.mean, out.std).mean()
-            loss = loss + g.beta * kl
-            extra["kl"] = kl.detach()
-        return loss, pg, extra
+                return self.backend.forward(self.policy.velocity, x, sigma, cond)
+
+        return TrainedStep(k, traj, cond, adv, velocity, reference)
 
     # ------------------------------------------------------------------ loop
 
@@ -373,14 +339,11 @@ class Trainer(Harness):
 
         assert self.eval_data is not None
         s, bs = self.recipe.sampling, self.layout.micro_batch_size
-        seeds = itertools.count(self.recipe.run.seed, bs)  # each batch's seed: the run's seed + its first index
-
-        def edit_fn(chunk: list[EditSample]) -> Tensor:
-            return edit_videos(self.policy, chunk, s.eval_steps or s.steps, s.shift, next(seeds)).float()
+        edit_fn = ode_editor(self.policy, s.eval_steps or s.steps, s.shift, self.recipe.run.seed, bs)
 
         with self.scored_weights(), self.backend.inference(self.policy):
             if self.yardsticks is None:
-                self.yardsticks = yardsticks(self.eval_data, self.policy, bs, progress=False)
+                self.yardsticks = yardsticks(self.eval_data, self.policy, bs, progress=False, device=self.device)
             report = benchmark(edit_fn, self.eval_data, self.rewards, batch_size=bs, progress=False,
                                grid_per_category=1, yardsticks=self.yardsticks)
         overall = report.overall()
@@ -396,6 +359,9 @@ class Trainer(Harness):
         t = self.recipe.train
         if t.sample_every and self.step % t.sample_every == 0 and self._last_rollouts is not None:
             self.logger.save_samples(self.step, self._last_rollouts.samples, self._last_rollouts.edited.cpu())
+
+    def counted(self, metrics: dict[str, float]) -> list[str]:
+        return [k for k in metrics if k == "samples/trained" or (k.startswith("reward/") and k.endswith("/invalid"))]
 
     def progress_note(self, metrics: dict[str, float]) -> str:
         return f"reward {metrics.get('reward/weighted/mean', float('nan')):.3f}"
@@ -437,45 +403,7 @@ def _done(value: Any) -> cf.Future:
     return f
 
 
-def warm_start(recipe: Recipe) -> Path:
-    """Make `policy.init_from` with the `policy.warm_start` SFT recipe, unless a finished one is there.
-
-    Several runs (a sweep's variants and seeds) share one warm start: a file lock lets the first build it,
-    and an interrupted warm start resumes from its own checkpoint. It always runs as a single process.
-    """
-    from filelock import FileLock, Timeout
-    from rich.markup import escape
-
-    from editrl.data.synth import prepare_synthetic
-    from editrl.distributed import LocalBackend
-    from editrl.sft import SftTrainer
-    from editrl.preflight import load_sft_recipe
-
-    pc = recipe.policy
-    out = Path(pc.init_from)  # type: ignore[arg-type]
-    sft = load_sft_recipe(pc.warm_start, [*pc.warm_start_overrides, f"run.output_dir={out}"])  # type: ignore[arg-type]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(out) + ".lock")
-    try:
-        lock.acquire(timeout=0)
-        lock.release()
-    except Timeout:  # another run of a sweep builds it: say so, then wait for it (it is shared, not built twice)
-        console.print(f"[yellow]note[/]: waiting for another process that builds the warm start {escape(str(out))}",
-                      highlight=False)
-    with lock:
-        try:
-            done = json.loads((find_checkpoint(out) / "state.json").read_text())["step"] >= sft.train.steps
-        except FileNotFoundError:
-            done = False
-        prepare_synthetic(recipe, *([] if done else [sft]))  # the job's data in one phase, before the SFT phase
-        if done:
-            skipped("sft", f"{out} holds a finished warm start ({sft.train.steps} steps)")
-        else:
-            resume = bool(checkpoint_steps(out / "checkpoints"))
-            SftTrainer(sft, resume=resume, backend=LocalBackend(sft.optim)).fit()
-    return out
-
-
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, accept_changes: bool = False) -> Path:
-    """Run a recipe to its last step (or continue it with `resume`); returns the run directory."""
-    return Trainer(recipe, resume=resume, overwrite=overwrite, accept_changes=accept_changes).fit()
+    """Edit-GRPO on a recipe to its last step (or continue it with `resume`); returns the run directory. The whole job,
+    a warm start included, is `editrl.job.run`."""
+    return Trainer(recipe, resume=resume, overwrite=overwrite, accept_changes=accept_changes).fit().run_dir

@@ -1,8 +1,12 @@
-"""The engine's layers import only downward (docs/architecture.md): no import cycle, imports inside functions too."""
+"""docs/architecture.md held against the code: the engine's layers import only downward (no import cycle, imports
+inside functions too), the engine calls nothing of a policy beyond the `Policy` protocol, and the document's table of
+extension points is the registries that exist."""
 
 from __future__ import annotations
 
 import ast
+import importlib
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,9 +103,9 @@ LAYERS = [
     {"base", "types", "registry", "files", "data.video"},  # shared vocabulary, plugin registries, the user's files, media I/O
     {"config", "monitor"},  # the recipe schema; the console, logs and progress bars
     {"sde", "grpo", "metrics"},  # the maths: pure tensor functions
-    {"policy", "reward", "data.base", "preflight"},  # what plugins implement, and the checks of a recipe against them
+    {"policy", "reward", "objectives", "data.base", "preflight"},  # what plugins implement; a recipe's checks against them
     {"data.manifest", "data.prompts", "data.scenes", "data.procedural", "data.synth"},  # datasets
-    {"harness", "checkpoint", "distributed", "rollout", "evaluate", "sft", "trainer", "summary", "sentinel"},  # the loop
+    {"harness", "checkpoint", "distributed", "rollout", "evaluate", "sft", "trainer", "summary", "sentinel", "job"},  # the loop
     {"commands", "cli", "inference", "export", "judge", "audit", "sweep", "data.cli", "__main__"},  # commands: the console's owner
 ]
 
@@ -137,3 +141,76 @@ def test_plugins_never_import_the_loop():
         if t.removeprefix("editrl.") in loop
     ]
     assert not bad, "\n".join(bad)
+
+
+# ---------------------------------------------------------------------------------------------- the policy contract
+
+# `editrl export` writes a LoRA in diffusers' format: it works on LoraPolicy's members (its denoiser, adapter, extra
+# modules) and refuses any other policy in one line.
+LORA_POLICY_ONLY = {"editrl.export"}
+# In the schema, `self.policy` is the recipe's policy section (PolicyConfig), not a policy.
+SCHEMA = {"editrl.config"}
+
+
+def policy_members_used() -> dict[str, set[str]]:
+    """What each engine module reads of a policy, from its syntax tree: `policy.x` and `self.policy.x`,
+    `getattr(policy, "x")` / `hasattr(...)`, and `isinstance(policy, Reconstructs)` (its `reconstruct`)."""
+
+    def is_policy(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Name) and node.id == "policy") or (
+            isinstance(node, ast.Attribute) and node.attr == "policy" and isinstance(node.value, ast.Name) and node.value.id == "self")
+
+    out: dict[str, set[str]] = {}
+    for name, path in modules().items():
+        if layer_of(name) is None or name in LORA_POLICY_ONLY | SCHEMA:
+            continue
+        used = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and is_policy(node.value):
+                used.add(node.attr)
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and len(node.args) >= 2 and is_policy(node.args[0]):
+                second = node.args[1]
+                if node.func.id in ("getattr", "hasattr") and isinstance(second, ast.Constant):
+                    used.add(second.value)
+                elif node.func.id == "isinstance" and isinstance(second, ast.Name) and second.id == "Reconstructs":
+                    used.add("reconstruct")
+        if used:
+            out[name] = used
+    return out
+
+
+def test_the_engine_calls_nothing_of_a_policy_beyond_the_protocol():
+    from editrl.policy import OPTIONAL, Policy
+
+    contract = {n for n in vars(Policy) if not n.startswith("_")} | set(OPTIONAL)
+    assert {"encode", "velocity", "decode", "save_trainable", "modules_for_training", "encode_target"} <= contract
+    found = policy_members_used()
+    assert "editrl.trainer" in found and "velocity" in found["editrl.trainer"]  # the scan sees the engine's calls
+    beyond = {m: sorted(used - contract) for m, used in found.items() if used - contract}
+    assert not beyond, f"engine modules call policy members outside editrl.policy.Policy / OPTIONAL: {beyond}"
+
+
+# ---------------------------------------------------------------------------------------------- extension points
+
+
+def test_architecture_doc_lists_every_extension_point():
+    """Each row of the document's table names a registry (`module:NAME`) and its entry-point group, and every registry
+    of the engine has a row."""
+    from editrl.registry import Registry
+
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    rows = re.findall(r"^\| [^|]+ \| `(editrl[\w.]*:[A-Z_]+)` \| `(editrl\.\w+)` \|", doc, flags=re.M)
+    assert len(rows) >= 6, rows
+    documented = {}
+    for where, group in rows:
+        module, _, attr = where.partition(":")
+        registry = getattr(importlib.import_module(module), attr)
+        assert isinstance(registry, Registry) and registry.group == group, (where, group)
+        documented[id(registry)] = where
+    existing = {}
+    for name in modules():
+        if layer_of(name) is not None and not name.endswith("__main__"):  # importing __main__ would run the CLI
+            for attr, value in vars(importlib.import_module(name)).items():
+                if isinstance(value, Registry):
+                    existing[id(value)] = f"{name}:{attr}"
+    assert set(existing) == set(documented), sorted(set(existing.values()) ^ set(documented.values()))

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from editrl.config import RecipeError, bundled_recipes, derive_layout, parse_override
+from editrl.config import RecipeError, bundled_recipes, derive_layout, parse_override, parse_recipe
 from editrl.preflight import load_recipe
 
 
@@ -92,7 +92,8 @@ def test_derived_layout():
     r = load_recipe("toy", ["grpo.batch_size=16", "grpo.group_size=4", "grpo.micro_batch_size=2", "grpo.minibatches=2",
                             "sampling.steps=10", "sampling.window.size=3", "grpo.trained_steps=2"])
     lay = derive_layout(r, world_size=2)
-    assert (lay.groups_per_step, lay.groups_per_rank, lay.samples_per_rank) == (4, 2, 8)
+    assert (lay.world_size, lay.groups_per_step, lay.groups_per_rank) == (2, 4, 2)
+    assert r.layout.world_size == 1 and r.layout.groups_per_rank == 4  # kept on the recipe, for this process
     assert (lay.micro_batch_size, lay.micro_batches_per_update, lay.grad_accumulation) == (2, 2, 4)
     with pytest.raises(RecipeError, match="do not split over 3 ranks"):
         derive_layout(r, world_size=3)
@@ -112,3 +113,22 @@ def test_resolved_recipe_round_trips(tmp_path: Path):
     r = load_recipe("toy", ["train.steps=7"])
     dump_recipe(r, tmp_path / "recipe.yaml")
     assert load_recipe(tmp_path / "recipe.yaml") == r
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["distributed.backend=deepspeed", "distributed.zero_stage=3", "optim.ema.enabled=true"],
+         "optim.ema: not available with ZeRO-3"),
+        (["distributed.backend=deepspeed", "distributed.zero_stage=3", "distributed.rollout_gather=false",
+          "grpo.resample_tied=2"], "grpo.resample_tied rolls extra groups out on some ranks only"),
+        (["distributed.backend=deepspeed", "distributed.zero_stage=3", "policy.options.compile=true"],
+         "policy.options.compile: compiled DiT blocks cannot run under ZeRO-3"),
+        (["train.sentinel={}"], "train.sentinel watches held-out evaluations"),
+    ],
+)
+def test_checks_across_sections_run_with_the_schema(overrides, message):
+    """Before any plugin is imported or model built: `--dry-run` sees them too."""
+    with pytest.raises(RecipeError) as e:
+        parse_recipe("toy", overrides)
+    assert str(e.value).startswith(message)

@@ -77,13 +77,13 @@ def watch(trainer: Trainer, monkeypatch: pytest.MonkeyPatch, host_keys: tuple[st
         return rollout(*args, **kwargs)
 
     monkeypatch.setattr(trainer_mod, "rollout", counted_rollout)
-    step_loss = strict_call(trainer._step_loss)
+    step_loss = strict_call(trainer.objective.loss)
 
     def counted_step_loss(*args: Any, **kwargs: Any) -> Any:
         calls.append("step_loss")
         return step_loss(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "_step_loss", counted_step_loss)
+    monkeypatch.setattr(trainer.objective, "loss", counted_step_loss)
     monkeypatch.setattr(trainer.backend, "backward", strict_call(trainer.backend.backward))
     return calls
 

@@ -32,6 +32,8 @@ COMMON = ["train.progress=false", "run.threads=1", "train.steps=3", "train.save_
 CASES: dict[str, tuple[str, list[str], tuple[int, ...]]] = {
     "toy": ("toy", COMMON + ['rewards.terms=[{name: "test_distributed:brightness_or_none"}]'], STAGES),
     "viva_tiny": ("viva_tiny", COMMON + ["data.train.options.n=8"], STAGES),
+    # An image editor: one-frame latents, the source's tokens joined to the sequence, host-side token counts.
+    "qwen_image_edit_tiny": ("qwen_image_edit_tiny", COMMON + ["data.train.options.n=8"], STAGES),
     # Dynamic sampling: groups left without two scores are redrawn, each on the rank that holds the group.
     "toy_resample_tied": ("toy", COMMON + ['rewards.terms=[{name: "test_distributed:brightness_or_none"}]',
                                           "grpo.resample_tied=2"], STAGES),
@@ -410,10 +412,13 @@ def test_compile_is_refused_under_zero3_and_off_by_default_there() -> None:
     assert policy_from_recipe(load_recipe("toy", zero3)).options.compile is False  # auto: off under ZeRO-3
 
 
-def test_ema_is_refused_under_zero3() -> None:
+def test_ema_is_refused_under_zero3_set_by_the_deepspeed_json(tmp_path: Path) -> None:
+    """The recipe refuses EMA with its own zero_stage=3 (test_config); a DeepSpeed JSON can ask for stage 3 too."""
     from editrl.distributed import make_backend
 
-    rec = load_recipe("toy", ["distributed.backend=deepspeed", "distributed.zero_stage=3", "optim.ema.enabled=true"])
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    rec = load_recipe("toy", ["distributed.backend=deepspeed", f"distributed.config={tmp_path / 'ds.json'}",
+                              "optim.ema.enabled=true"])
     with pytest.raises(RecipeError, match="optim.ema: not available with ZeRO-3"):
         make_backend(rec)
 

@@ -139,9 +139,9 @@ def test_eval_command_runs_the_benchmark(data_dir, tmp_path, monkeypatch):
 
     calls = {}
 
-    def fake_editor(checkpoint, steps, seed, device):
+    def fake_editor(checkpoint, steps, seed, device, batch_size):
         calls.update(checkpoint=checkpoint, steps=steps, seed=seed)
-        return return_target, None, None
+        return return_target, None, None, batch_size or 4
 
     monkeypatch.setattr(ev, "checkpoint_editor", fake_editor)
     cli = typer.Typer()
@@ -149,7 +149,7 @@ def test_eval_command_runs_the_benchmark(data_dir, tmp_path, monkeypatch):
     ckpt = tmp_path / "run"
     result = CliRunner().invoke(cli, ["eval", "--checkpoint", str(ckpt), "--data", str(data_dir), "--steps", "3", "--limit", "9"])
     assert result.exit_code == 0, result.output
-    assert calls == {"checkpoint": ckpt, "steps": 3, "seed": 0}
+    assert calls == {"checkpoint": ckpt, "steps": 3, "seed": None}  # None: the run's own seed
     assert "| **overall** | 9 | 100.00 | 1.0000 |" in result.output
     assert {p.name for p in (ckpt / "eval").iterdir()} == {"results.md", "results.csv", "samples.csv", "grid.png"}
     result = CliRunner().invoke(cli, ["eval", "--checkpoint", str(ckpt), "--data", str(tmp_path / "missing")])

@@ -292,3 +292,29 @@ def test_evaluate_and_audit_leave_temporal_columns_out_of_every_mean(image_pairs
         row = r.table()[-1]
         assert math.isnan(row["vs_frozen"]), term  # an image frozen on its first frame is the target itself
         assert row["vs_source"] > 0.5 and math.isfinite(row["spearman"]), term
+
+
+@pytest.mark.parametrize("name", ["qwen_image_edit", "flux_kontext"])
+def test_image_policies_edit_an_image_at_its_size_and_evaluate_on_images(name, image_pairs, tmp_path):
+    """The image editors' tiny pipelines after one Edit-GRPO step: `editrl edit --image` of an odd-sized JPEG (the
+    policy edits at its 16-pixel grid, the PNG comes back at the input's size) and `editrl eval` with both yardsticks."""
+    from editrl.preflight import load_recipe
+    from editrl.trainer import train
+
+    run = train(load_recipe(f"{name}_tiny", [f"run.output_dir={tmp_path / 'run'}", "run.threads=null",
+                                             "train.progress=false", "data.train.options.n=8", "train.steps=1",
+                                             "train.save_every=1"]))
+    pixels = (picture(30, 41).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "in.jpg")
+    result = invoke("editrl.inference", "edit", "--checkpoint", run, "--image", tmp_path / "in.jpg", "--instruction",
+                    "remove the star", "--out", tmp_path / "out.png", "--steps", 2)
+    assert result.exit_code == 0, result.output
+    assert "resized back to the input's 30x41" in result.output
+    with Image.open(tmp_path / "out.png") as img:
+        assert (img.format, img.size) == ("PNG", (41, 30))
+    result = invoke("editrl.data.cli", "eval", "--checkpoint", run, "--data", image_pairs, "--out", tmp_path / "eval",
+                    "--steps", 2, "--limit", 4)
+    assert result.exit_code == 0, result.output
+    with (tmp_path / "eval" / "results.csv").open() as f:
+        overall = list(csv.DictReader(f))[-1]
+    assert overall["temporal"] == "" and float(overall["ceiling_fidelity_psnr"]) > float(overall["copy_fidelity_psnr"])

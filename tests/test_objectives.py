@@ -134,11 +134,6 @@ def test_nft_zero_advantage_pushes_nowhere_on_policy():
     assert torch.allclose(v.grad, torch.zeros_like(v), atol=1e-6)
 
 
-def test_nft_refuses_ratio_norm():
-    with pytest.raises(RecipeError, match="ratio_norm normalises a likelihood ratio"):
-        parse_recipe("toy", ["grpo.loss=nft", "grpo.ratio_norm=true"])
-
-
 def test_nft_keeps_the_sampling_policys_velocity_across_updates(toy_overrides):
     trainer = Trainer(load_recipe("toy", toy_overrides + ["grpo.loss=nft", "grpo.minibatches=2", "optim.lr=0.05"]))
     kept = []

@@ -128,8 +128,8 @@ BAD = [
     (["--overwrite", "policy.name=os:system"], "policy.name: 'os:system' is Python's standard library"),
     (["--overwrite", "policy.name=quits:Policy"], "policy 'quits:Policy' could not be built: called sys.exit(0)"),
     (["--overwrite", "run.plugins=[subprocess]"], "run.plugins: 'subprocess' is Python's standard library, not a plugin"),
-    (["--overwrite", 'rewards.terms=[{name: "unlisted_pkg:r"}]'],
-     "'unlisted_pkg:r' is code from 'unlisted_pkg', which run.plugins does not list: add it (run.plugins=[unlisted_pkg])"),
+    (["--overwrite", 'rewards.terms=[{name: "unlisted_pkg:r"}]'],  # typed, so trusted (test_extensions), but absent
+     "rewards.terms.0.name: cannot import module 'unlisted_pkg' for 'unlisted_pkg:r'"),
 ]
 
 

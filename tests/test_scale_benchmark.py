@@ -51,7 +51,7 @@ def test_paper_scale_is_the_probe_and_a_tiny_scale_makes_a_valid_recipe(tmp_path
     for name, overrides in bench.SCHEDULES.items():
         recipe = load_recipe(copy.deepcopy(tree), overrides)  # overrides edit the tree they are given
         layout = derive_layout(recipe)
-        assert (layout.micro_batch_size, layout.samples_per_rank) == (tiny.micro_batch, tiny.batch)
+        assert (layout.micro_batch_size, layout.groups_per_rank * tiny.group) == (tiny.micro_batch, tiny.batch)
         assert layout.trained_steps == (2 if name == "fast" else tiny.sampling_steps - 1)
         assert VivaPolicy.preflight(VivaPolicy.Options(**recipe.policy.options)) == []  # every part saved and loadable
     load_recipe(bench.recipe_tree(paper, built["paths"], tmp_path, "cuda", threads=None))  # its policy options exist

@@ -120,7 +120,7 @@ def recipe(toy_overrides, *extra):
 
 def test_best_checkpoint_holds_the_weights_of_the_best_evaluation(toy_overrides, monkeypatch):
     monkeypatch.setattr(Scripted, "held_out", {0: 0.5, 1: 0.6, 2: 0.4, 3: 0.9, 4: 0.8})
-    run = Scripted(recipe(toy_overrides, "train.steps=4", f"train.sentinel.best={METRIC}", "train.sentinel.patience=9")).fit()
+    run = Scripted(recipe(toy_overrides, "train.steps=4", f"train.sentinel.best={METRIC}", "train.sentinel.patience=9")).fit().run_dir
     best = run / "checkpoints" / "best"
     assert json.loads((best / "state.json").read_text()) == {"step": 3, "metric": METRIC, "value": 0.9}
     weights = sorted(p.name for p in best.glob("*.safetensors"))
@@ -137,7 +137,7 @@ def test_best_checkpoint_holds_the_weights_of_the_best_evaluation(toy_overrides,
 def test_stop_ends_the_run_at_the_alarm_with_a_checkpoint(toy_overrides, monkeypatch, capsys):
     monkeypatch.setattr(Scripted, "held_out", {s: 0.9 - 0.1 * s for s in range(11)})
     r = recipe(toy_overrides, "train.steps=10", "train.sentinel={patience: 2, stop: true}", "train.save_every=100")
-    run = Scripted(r).fit()
+    run = Scripted(r).fit().run_dir
     rows = read_metrics(run / "metrics.jsonl")
     assert [row["step"] for row in rows] == [0, 1, 2, 3]  # evaluation 1 has one reward and no trend: streaks 1, 2
     assert [row["sentinel/alarm"] for row in rows] == [0, 0, 0, 1]
@@ -149,10 +149,10 @@ def test_stop_ends_the_run_at_the_alarm_with_a_checkpoint(toy_overrides, monkeyp
 
 def test_the_sentinel_resumes_where_it_was(toy_overrides, tmp_path, monkeypatch):
     monkeypatch.setattr(Scripted, "held_out", {s: 0.9 - 0.1 * s for s in range(7)})
-    whole = Scripted(recipe(toy_overrides, "train.steps=6", "train.sentinel.patience=3")).fit()
+    whole = Scripted(recipe(toy_overrides, "train.steps=6", "train.sentinel.patience=3")).fit().run_dir
     cut = [o for o in toy_overrides if not o.startswith("run.output_dir")] + [f"run.output_dir={tmp_path / 'cut'}"]
-    Scripted(recipe(cut, "train.steps=3", "train.sentinel.patience=3")).fit()
-    resumed = Scripted(recipe(cut, "train.steps=6", "train.sentinel.patience=3"), resume=True).fit()
+    Scripted(recipe(cut, "train.steps=3", "train.sentinel.patience=3")).fit().run_dir
+    resumed = Scripted(recipe(cut, "train.steps=6", "train.sentinel.patience=3"), resume=True).fit().run_dir
 
     def sentinel_rows(run):
         return [{k: v for k, v in row.items() if k.startswith("sentinel/")} for row in read_metrics(run / "metrics.jsonl")]

@@ -28,15 +28,15 @@ def test_viva_tiny_recipe_trains_encodes_once_per_request_and_reloads(tmp_path):
     vlm_rows = count_vlm_rows(policy)
     before = {n: q.detach().clone() for n, q in policy.denoiser.named_parameters() if q.requires_grad}
     refiner_before = [q.detach().clone() for q in policy.refiner.parameters()]
-    run = trainer.fit()
+    run = trainer.fit().run_dir
 
     lay = trainer.layout
-    assert lay.groups_per_step == 2 and lay.samples_per_rank == 8
+    assert lay.groups_per_step == 2 and lay.groups_per_rank * trainer.recipe.grpo.group_size == 8
     assert sum(vlm_rows) == 2 * lay.groups_per_step  # 2 steps x 2 requests: never once per sample (x4)
     per_sample = Trainer(viva_tiny(tmp_path / "unshared", "grpo.share_encode=false"))
     unshared_rows = count_vlm_rows(per_sample.policy)
     per_sample.train_step()
-    assert sum(unshared_rows) == lay.samples_per_rank  # what the counter sees when every sample is encoded
+    assert sum(unshared_rows) == 8  # what the counter sees when every sample is encoded
     rows = read_metrics(run / "metrics.jsonl")
     assert len(rows) == 2 and all(r["samples/trained"] > 0 for r in rows)
     after = dict(policy.denoiser.named_parameters())

@@ -112,8 +112,10 @@ def evaluate_command(
     data: Path = typer.Option(..., "--data", help="a data folder (manifest.jsonl) with targets and masks"),
     out: Optional[Path] = typer.Option(None, "--out", help="where to write the tables and grid.png (default: CHECKPOINT/eval)"),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="ODE steps (default: the recipe's eval steps)"),
-    seed: int = typer.Option(0, "--seed"),
-    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    seed: Optional[int] = typer.Option(None, "--seed", help="noise seed (default: the run's run.seed)"),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", min=1, help="clips per batch (default: the run's micro-batch; with the run's seed too, the "
+        "edits of its held-out evaluations)"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="evaluate only the first N samples"),
     rewards: bool = typer.Option(True, "--rewards/--no-rewards", help="also score with the recipe's rewards"),
     on_error: OnError = typer.Option("fail", "--on-error", help="bad manifest rows: fail, or skip them"),
@@ -140,9 +142,9 @@ def evaluate_command(
         check_device(device, "--device")
         folder = out or checkpoint / "eval"
         check_output(folder, manifest_inputs(data), "--out", folder=True, writes=EVAL_FILES)
-        edit_fn, recipe, policy = checkpoint_editor(checkpoint, steps, seed, device)
+        edit_fn, recipe, policy, batch = checkpoint_editor(checkpoint, steps, seed, device, batch_size)
         run_benchmark(edit_fn, data, folder, recipe_rewards(recipe) if rewards else None,
-                      batch_size, limit, on_error, console, policy, allow_outside)
+                      batch, limit, on_error, console, policy, allow_outside)
 
     run_cli(go)
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .loading import check
+from ..loading import check
 
 
 class Wan:

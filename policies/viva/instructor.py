@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from editrl.data.video import to_uint8
 
-from .loading import check, load
+from ..loading import check, load
 from .vlms import FAMILIES, Family, model_class
 
 __all__ = ["DEFAULT_SYSTEM_PROMPT", "Family", "Instructor", "model_class", "to_pil", "truncate"]

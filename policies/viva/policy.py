@@ -33,7 +33,7 @@ from editrl.types import Condition, EditSample
 
 from .backbones import BACKBONES
 from .instructor import DEFAULT_SYSTEM_PROMPT, Family, Instructor, truncate
-from .loading import check, load, missing
+from ..loading import check, load, missing
 from .refiner import TokenRefiner, pad_tokens
 
 
@@ -130,6 +130,11 @@ class VivaPolicy(LoraPolicy):
         self.frame_step = self.backbone.frame_step
         self.size_step = self.backbone.size_step
         self.configure_denoiser(options)
+
+    @classmethod
+    def job_phases(cls, options: VivaOptions) -> list[str]:
+        """The tiny preset is built (or found cached) as a phase of `editrl train`."""
+        return ["preset"] if options.preset else []
 
     @classmethod
     def preflight(cls, options: VivaOptions) -> list[str]:

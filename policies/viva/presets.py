@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -145,9 +145,10 @@ def _build_atomic(path: Path, build: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _build_tokenizer(directory: Path, special: list[str] = SPECIAL_TOKENS, **roles: str) -> int:
-    """A byte-level BPE tokenizer learnt on CORPUS with `special` tokens first; `roles`: its pad/eos/bos tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _build_tokenizer(directory: Path, special: list[str] = SPECIAL_TOKENS, template: str | None = None, **roles: Any) -> int:
+    """A byte-level BPE tokenizer learnt on CORPUS with `special` tokens first; `roles`: its pad/eos/bos tokens (and
+    any other tokenizer setting); `template`: the special tokens it wraps each text in, e.g. "$A </s>" (none if None)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -158,6 +159,10 @@ def _build_tokenizer(directory: Path, special: list[str] = SPECIAL_TOKENS, **rol
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
+    if template is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=[(t, tok.token_to_id(t)) for t in special if t in template.split()]
+        )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **(roles or {"pad_token": "<|endoftext|>", "eos_token": "<|im_end|>"}))
     fast.save_pretrained(directory)
     return len(fast)
@@ -239,8 +244,11 @@ def _build_hunyuan_vae(directory: Path) -> None:
     vae.save_pretrained(directory)
 
 
-def _prefit(make_vae: Callable[[], V], directory: Path) -> tuple[V, torch.Tensor]:
-    """A new VAE pre-fitted on procedural videos, and its latents of the training videos (for its statistics).
+def _prefit(
+    make_vae: Callable[[], V], directory: Path, data: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[V, torch.Tensor]:
+    """A new VAE pre-fitted on procedural videos (or `data`: (train, held-out) batches in [-1, 1] shaped as the VAE
+    takes them), and its latents of the training batch (for its statistics).
 
     The fit runs on one thread (a shared CPU slows multi-threaded small ops down badly, and one thread makes the
     result the same on every machine) and writes `prefit.json` with its time and held-out reconstruction PSNR.
@@ -248,7 +256,7 @@ def _prefit(make_vae: Callable[[], V], directory: Path) -> tuple[V, torch.Tensor
     from editrl.monitor import console, duration, progress
 
     cfg = VAE_FIT
-    train, held = (v.to(cfg["device"]) for v in _fit_videos())
+    train, held = (v.to(cfg["device"]) for v in (data or _fit_videos()))
     vae = make_vae().to(cfg["device"])
     for m in vae.modules():  # He init: with PyTorch's default, this small VAE barely leaves the mean-colour plateau
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
@@ -282,7 +290,8 @@ def _prefit(make_vae: Callable[[], V], directory: Path) -> tuple[V, torch.Tensor
     finally:
         torch.set_num_threads(threads)
     report = {"seconds": round(time.perf_counter() - t0, 1), "held_out_psnr_db": round(psnr, 2),
-              "initial_psnr_db": round(before, 2), "mean_colour_psnr_db": round(_mean_colour_psnr(held), 2), **cfg}
+              "initial_psnr_db": round(before, 2), "mean_colour_psnr_db": round(_mean_colour_psnr(held), 2), **cfg,
+              "fit_shape": list(train.shape)}
     console.print(f"  VAE pre-fit: held-out reconstruction {psnr:.2f} dB in {duration(report['seconds'])}", highlight=False)
     (directory / "prefit.json").write_text(json.dumps(report, indent=1))
     return vae, z
@@ -315,7 +324,7 @@ def _reconstruction_psnr(vae: torch.nn.Module, videos: torch.Tensor) -> float:
 
 def _mean_colour_psnr(videos: torch.Tensor) -> float:
     """The PSNR of predicting each frame's mean colour: a yardstick for the reconstruction PSNR in `prefit.json`."""
-    flat = videos.mean(dim=(3, 4), keepdim=True).expand_as(videos)
+    flat = videos.mean(dim=(-2, -1), keepdim=True).expand_as(videos)
     return float(10 * torch.log10(4 / torch.mean((flat - videos) ** 2)))
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from PIL import Image
 from torch import Tensor, nn
 
-from .loading import check, load
+from ..loading import check, load
 
 Family = Literal["qwen2_5_vl", "qwen3_vl", "llava"]
 

@@ -29,19 +29,19 @@ def resolve(component: str, path: str) -> dict[str, Any]:
     return args
 
 
-def missing(component: str, path: str) -> str | None:
-    """Why `path` cannot be loaded here without a download (None: it can): a local directory without a config,
-    or a hub id whose config is not in the local Hugging Face cache. Used by dry runs; reads nothing big."""
+def missing(component: str, path: str, config: str = "config.json") -> str | None:
+    """Why `path` cannot be loaded here without a download (None: it can): a local directory without its `config`
+    file (a tokenizer's is tokenizer_config.json), or a hub id whose `config` is not in the local Hugging Face cache.
+    Used by dry runs; reads nothing big."""
     local = Path(path).expanduser()
     if local.exists():
-        return None if (local / "config.json").is_file() else f"{component}: {path} has no config.json (not a saved model)"
+        return None if (local / config).is_file() else f"{component}: {path} has no {config} (not a saved model)"
     hub = _HUB_ID.match(path)
     if hub is None:
         return f"{component}: {path} does not exist (give a local directory or a hub id 'org/name[/subfolder]')"
     from huggingface_hub import try_to_load_from_cache
 
-    config = f"{hub['subfolder']}/config.json" if hub["subfolder"] else "config.json"
-    if isinstance(try_to_load_from_cache(hub["repo"], config), str):
+    if isinstance(try_to_load_from_cache(hub["repo"], f"{hub['subfolder']}/{config}" if hub["subfolder"] else config), str):
         return None
     include = f" --include '{hub['subfolder']}/*'" if hub["subfolder"] else ""
     return (f"{component}: {path} is not in the local Hugging Face cache; fetch it with "
