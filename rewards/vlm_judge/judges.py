@@ -276,10 +276,12 @@ class EditRewardOptions(JudgeOptions):
 
 
 class EditReward(VlmJudge):
-    """EditReward's rubric (Wu et al. 2025, arXiv:2509.26346, TIGER-AI-Lab/EditReward): instruction following
-    (semantic accuracy, completeness, no over-editing) and visual quality (plausibility, artifacts, aesthetics), each
-    scored against the source, overall = their sum as in its annotations; the reward is the overall mapped to [0, 1].
-    EditReward trains a reward model on that rubric; here a served VLM answers it."""
+    """Instruction following + visual quality of an edit (EditReward's rubric), asked of a served VLM.
+
+    EditReward (Wu et al. 2025, arXiv:2509.26346, TIGER-AI-Lab/EditReward) rates instruction following (semantic
+    accuracy, completeness, no over-editing) and visual quality (plausibility, artifacts, aesthetics), each against the
+    source on 1-4, overall = their sum as in its annotations; the reward is the overall mapped to [0, 1]. EditReward
+    trains a reward model on that rubric; here a served VLM answers it."""
 
     Options = EditRewardOptions
     name = "edit_reward"
@@ -296,7 +298,9 @@ class EditReward(VlmJudge):
 
 
 class VieScore(VlmJudge):
-    """GEdit-Bench's VIEScore (Ku et al. 2024, arXiv:2312.14867; GEdit-Bench in Step1X-Edit, arXiv:2504.17761):
+    """GEdit-Bench's VIEScore of an edit, sqrt(semantic consistency x perceptual quality), asked of a served VLM.
+
+    VIEScore (Ku et al. 2024, arXiv:2312.14867) as GEdit-Bench computes it (Step1X-Edit, arXiv:2504.17761):
     semantic consistency SC = min(editing success, over-editing) from source, edit and instruction; perceptual quality
     PQ = min(naturalness, artifacts) from the edit alone; overall = sqrt(SC * PQ), all on 0..10; the reward is
     overall / 10. GEdit-Bench asks for 0-10 in text; read from log-probs a score must be one token, and Qwen's
