@@ -225,7 +225,7 @@ def test_sft_then_grpo_train_and_checkpoints_reload(name, tmp_path):
     torch.testing.assert_close(velocity(trainer.policy, trainer.policy.encode([sample])),
                                velocity(sft_policy, sft_policy.encode([sample])))  # GRPO starts from the SFT LoRA
     start = {n: q.detach().clone() for n, q in trainer.policy.denoiser.named_parameters() if q.requires_grad}
-    run = trainer.fit()
+    run = trainer.fit().run_dir
     rows = read_metrics(run / "metrics.jsonl")
     assert len(rows) == 2 and all(r["samples/trained"] > 0 for r in rows)
     assert any(not torch.equal(start[n], q) for n, q in trainer.policy.denoiser.named_parameters() if n in start)

@@ -12,6 +12,7 @@ import io
 import sys
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from editrl.config import derive_layout
@@ -68,3 +69,23 @@ def test_paper_scale_is_the_probe_and_a_tiny_scale_makes_a_valid_recipe(tmp_path
     assert results["summary"]["default"]["share"] == 29.0 / 30.0
     assert bench.report(results, Console(file=io.StringIO())) == (
         "scale=tiny device=cpu model-compute share: default 0.97, fast 0.90; step ratio fast/default 3.00")
+
+
+@pytest.mark.slow
+def test_dit_floor_runs_at_cpu_scale_and_prints_its_last_line(tmp_path):
+    """benchmarks/dit_floor.py end to end on CPU (the bare DiT eager and compiled, the peer-style call, the engine's
+    rollout and training calls): its last line, and the engine's rollout call equal to its training forward."""
+    import json
+    import re
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "dit_floor.py"
+    proc = subprocess.run([sys.executable, str(script), "--scale", "cpu", "--repeats", "1", "--threads", "1",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"dit-floor scale=cpu device=cpu engine/bare-compiled: forward \d+\.\d\d, train \d+\.\d\d; "
+                        r"peer-style/engine \d+\.\d\d", last), last
+    res = json.loads((tmp_path / "dit_floor.json").read_text())
+    assert res["engine"]["rollout_equals_training"] and res["flops_forward"] > 0
+    assert all(isinstance(v, float) for v in res["seconds"].values()), res["seconds"]
