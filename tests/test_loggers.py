@@ -1,6 +1,7 @@
 """Where a run's metrics go besides metrics.jsonl: TensorBoard (default) and Weights & Biases (optional, offline here)."""
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -78,7 +79,9 @@ def test_a_resumed_run_continues_its_wandb_run(toy_overrides):
     run_id = (first / "wandb-run-id").read_text()
     train(load_recipe("toy", toy_overrides + WANDB + ["train.steps=3"]), resume=True)
     assert (first / "wandb-run-id").read_text() == run_id
-    assert all(p.name.endswith(run_id) for p in offline_runs(first)) and len(offline_runs(first)) == 2
+    # offline-run-<second>-<id>, with "-1" after the id when both starts fall in one second (wandb's own suffix)
+    names = [p.name for p in offline_runs(first)]
+    assert len(names) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", n) for n in names), names
 
 
 def test_tensorboard_only_by_default_and_wandb_alone_writes_no_tensorboard(toy_overrides):
