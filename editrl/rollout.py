@@ -20,11 +20,9 @@ def plan_steps(
     iteration: int,
     generator: torch.Generator,
 ) -> tuple[list[int], list[int]]:
-    """(SDE steps, trained steps) for one training iteration.
+    """(SDE steps, trained steps) for one training iteration; trained steps are a random subset of the SDE steps.
 
     Candidates are steps 0..num_steps-2: the last step lands on sigma=0, where several kinds have no noise.
-    `random` draws the window start each iteration, `sliding` moves it by `stride` per iteration (MixGRPO),
-    `fixed` keeps it. Trained steps are a random subset of the SDE steps (Flow-GRPO-Fast).
     """
     candidates = num_steps - 1
     size = window.size if window.size is not None else candidates

@@ -8,7 +8,7 @@ Conventions used everywhere:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -136,18 +136,6 @@ class RewardBatch:
 
     def __len__(self) -> int:
         return len(self.instructions)
-
-    def select(self, idx: list[int]) -> RewardBatch:
-        """Sub-batch, e.g. the samples a cache did not already answer."""
-
-        def pick(v: Any) -> Any:
-            if v is None:
-                return None
-            if isinstance(v, Tensor):
-                return v[torch.as_tensor(idx, dtype=torch.long)]
-            return [v[i] for i in idx]
-
-        return RewardBatch(**{f.name: pick(getattr(self, f.name)) for f in fields(self)})
 
 
 @dataclass
