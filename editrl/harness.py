@@ -455,8 +455,7 @@ class Harness:
         return out
 
     def _watch(self, held_out: dict[str, float]) -> dict[str, float]:
-        """The sentinel's verdict on an evaluation: alarms on the console and in sentinel.log, the best weights saved,
-        the loop told to stop."""
+        """The sentinel's verdict on an evaluation, acted on: alarms shown and logged, best weights kept, a stop."""
         assert self.sentinel is not None
         verdict, cfg = self.sentinel.observe(self.step, held_out), self.sentinel.cfg
         if verdict.new_best:

@@ -347,8 +347,7 @@ class RunLogger:
         return f"  {self.label} step {step}{of}  " + "  ".join(shown)
 
     def save_samples(self, step: int, samples: list[EditSample], edited: torch.Tensor, limit: int = 4) -> None:
-        """source | edited side by side (edited alone when there is no source) under samples/: mp4s, or PNGs for
-        images."""
+        """source | edited side by side (edited alone without a source) under samples/: mp4s, or PNGs for images."""
         if not self.enabled:
             return
         import torch
