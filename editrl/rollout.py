@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -100,12 +100,17 @@ def rollout(
 
 
 @torch.no_grad()
-def sample_ode(policy: Policy, cond: Condition, steps: int, shift: float, generator: torch.Generator) -> Tensor:
-    """Deterministic sampling (evaluation, inference): x0 latents, by the SDE module's `ode` step."""
+def sample_ode(
+    policy: Policy, cond: Condition, steps: int, shift: float, generator: torch.Generator,
+    tick: Callable[[], None] = lambda: None,
+) -> Tensor:
+    """Deterministic sampling (evaluation, inference): x0 latents, by the SDE module's `ode` step; `tick()` after each
+    step (a progress bar)."""
     schedule = sde.sigma_schedule(steps, shift).tolist()
     x = policy.init_noise(cond, generator)
     for sigma, sigma_next in zip(schedule[:-1], schedule[1:]):
         v = policy.velocity(x, torch.full((x.shape[0],), sigma, device=x.device), cond)
+        tick()
         x = sde.step("ode", x, v, sigma, sigma_next, noise_level=0.0).prev_sample.to(x.dtype)
     return x
 
