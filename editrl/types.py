@@ -57,9 +57,6 @@ class Condition:
             n = int(idx.numel())
         return self._map(lambda t: t[idx], n)
 
-    def to(self, device: torch.device | str) -> Condition:
-        return self._map(lambda t: t.to(device), self.batch_size)
-
     @staticmethod
     def cat(conds: list[Condition]) -> Condition:
         keys = conds[0].data.keys()
