@@ -8,10 +8,8 @@ replaced atomically after it, so a run killed at any instant leaves the previous
 
 `checksums.json` lists every other file's size and sha256. A file damaged later (a full disk, a copy cut short)
 is found before anything deserialises it: a run directory then yields its newest intact checkpoint, with one
-warning naming the damaged one. A file that checksums.json does not list (a checkpoint written before checksums
-existed, or one whose list was lost) is checked by its format instead: the safetensors header against the file's
-size, the CRC of every member of `state.pt` (a zip), `state.json` and `recipe.yaml` parsed. `find_checkpoint` is the
-one way in: no library reads a checkpoint's file before it has passed.
+warning naming the damaged one. A file checksums.json does not list (written before checksums existed, or its list
+lost) is checked by its format instead. `find_checkpoint` is the one way in: no library reads a file before it passed.
 
 Checkpoints are ordered by their step, never by name (`step_1000000` sorts before `step_999999`).
 """
@@ -106,9 +104,8 @@ def write_checkpoint(
     final: Path, step: int, recipe: Recipe, policy: Any, info: dict[str, Any],
     training_state: dict[str, Any] | None = None,
 ) -> Path:
-    """A checkpoint directory `final` (trainable weights, recipe, `state.json`, `state.pt` when `training_state` is
-    given to resume from, checksums), written under a temporary name and swapped in: a crash at any instant leaves
-    the previous one or the new one whole."""
+    """A checkpoint directory `final` (`state.pt` only with a `training_state` to resume from), written under a
+    temporary name and swapped in: a crash at any instant leaves the previous one or the new one whole."""
     tmp, old = (final.with_name(f".{mark}-{final.name}-{os.getpid()}") for mark in ("tmp", "old"))
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
@@ -263,10 +260,8 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def load_training_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(tensor state: optimiser, scheduler, EMA, torch RNG; info: step, data cursor, ...).
-
-    Only torch's RNG is global state worth restoring: every sampling seed is derived from (seed, step).
-    """
+    """(tensor state: optimiser, scheduler, EMA, torch RNG; info: step, data cursor, ...). Only torch's RNG is global
+    state worth restoring: every sampling seed is derived from (seed, step)."""
     try:
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
     except FileNotFoundError:

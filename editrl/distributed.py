@@ -33,10 +33,8 @@ def warmup_lambda(warmup_steps: int) -> Any:
 
 
 def all_gather_traffic(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, int]:
-    """All-gather collectives and bytes that `fn(*args, **kwargs)` issues, from DeepSpeed's comms logger.
-
-    The logger must be enabled (`comms_logger` in the DeepSpeed config, or its `enabled`/`prof_all` flags).
-    """
+    """All-gather collectives and bytes that `fn(*args, **kwargs)` issues, from DeepSpeed's comms logger (which must
+    be enabled: `comms_logger` in the DeepSpeed config, or its `enabled`/`prof_all` flags)."""
     from deepspeed.comm import comm
 
     comm.comms_logger.comms_dict.clear()
@@ -138,11 +136,8 @@ class LocalBackend:
 
 
 class _Trained(nn.Module):
-    """The policy's trained modules under one root that DeepSpeed shards; `forward` runs any policy call.
-
-    Routing the call through the engine lets DeepSpeed run its forward/backward hooks, while the policy keeps
-    calling its own modules as usual.
-    """
+    """The policy's trained modules under one root that DeepSpeed shards; `forward` runs any policy call, so that
+    DeepSpeed's forward/backward hooks run while the policy calls its own modules as usual."""
 
     def __init__(self, modules: list[nn.Module]) -> None:
         super().__init__()

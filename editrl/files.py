@@ -1,9 +1,8 @@
-"""What editrl does to a user's files, each in one place: the output guard every writer calls before any work, the lock
-that keeps one process per run directory, and containment (where a path really is once its links are followed).
+"""What editrl does to a user's files, each in one place: the output guard, the run lock, containment.
 
-Every command that writes (`train`, `sft`, `sweep`, `edit`, `eval`, `judge`, `data synth`) names what it will write
-and what it reads; `check_output` refuses an output that is an input, holds one, or cannot be written, before
-anything is computed. Inputs are compared as files, so `..`, symbolic and hard links are seen through.
+Every command that writes names what it will write and what it reads; `check_output` refuses an output that is an
+input, holds one, or cannot be written, before anything is computed. Inputs are compared as files, so `..`,
+symbolic and hard links are seen through.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
@@ -85,11 +85,8 @@ class Prefetcher:
 
 
 class Timer:
-    """Wall time per phase, accumulated over a step.
-
-    On a CUDA device each phase starts and ends with a synchronise: kernels run asynchronously, so without it a
-    phase's time would land in whichever later phase first waits for the device.
-    """
+    """Wall time per phase, accumulated over a step. On CUDA each phase starts and ends with a synchronise: kernels
+    run asynchronously, so a phase's time would otherwise land in whichever later phase first waits for the device."""
 
     def __init__(self, device: torch.device | None = None) -> None:
         self.totals: dict[str, float] = defaultdict(float)
@@ -166,10 +163,8 @@ def run_inputs(recipe: Recipe) -> list[Path]:
     init = recipe.policy.init_from
     if init is not None and Path(init).exists():
         inputs.append(Path(init))
-        try:
+        with suppress(FileNotFoundError, CheckpointError):
             inputs.append(find_checkpoint(init))
-        except (FileNotFoundError, CheckpointError):
-            pass
     return inputs
 
 
@@ -266,8 +261,7 @@ class RunResult:
 class Harness:
     """A run built from its recipe: policy, backend, data, cursor; resumed, saved and fitted one way for every loop.
 
-    A subclass names its phase and implements `train_step() -> metrics` and, for recipes with an eval split,
-    `evaluate() -> metrics`. Held-out evaluations run before training, every `train.eval_every` steps and at the end.
+    A subclass names its phase and implements `train_step() -> metrics` and, with an eval split, `evaluate()`.
     """
 
     label: ClassVar[str]  # the phase's name on the console
@@ -461,8 +455,7 @@ class Harness:
         return out
 
     def _watch(self, held_out: dict[str, float]) -> dict[str, float]:
-        """The sentinel's verdict on an evaluation: alarms on the console and in sentinel.log, the best weights saved,
-        the loop told to stop."""
+        """The sentinel's verdict on an evaluation, acted on: alarms shown and logged, best weights kept, a stop."""
         assert self.sentinel is not None
         verdict, cfg = self.sentinel.observe(self.step, held_out), self.sentinel.cfg
         if verdict.new_best:

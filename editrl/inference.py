@@ -64,21 +64,6 @@ def resize(frames: Any, size: tuple[int, int]) -> Any:
     return F.interpolate(frames, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
 
 
-class _Ticking:
-    """The policy as `sample_ode` sees it, advancing a progress bar at every velocity call (one per step)."""
-
-    def __init__(self, policy: Any, tick: Callable[[], None]) -> None:
-        self.policy, self.tick = policy, tick
-
-    def init_noise(self, cond: Any, generator: Any) -> Any:
-        return self.policy.init_noise(cond, generator)
-
-    def velocity(self, x: Any, sigma: Any, cond: Any) -> Any:
-        v = self.policy.velocity(x, sigma, cond)
-        self.tick()
-        return v
-
-
 def run_edit(
     checkpoint: str | Path,
     video: str | Path,
@@ -145,7 +130,7 @@ def run_edit(
         cond = policy.encode([sample])
         bar.update(advance=1, note="denoise")
         generator = torch.Generator().manual_seed(seed)
-        x0 = sample_ode(_Ticking(policy, lambda: bar.update(advance=1)), cond, n_steps, shift or recipe.sampling.shift, generator)
+        x0 = sample_ode(policy, cond, n_steps, shift or recipe.sampling.shift, generator, lambda: bar.update(advance=1))
         bar.update(note="decode")
         edited = policy.decode(x0)[0].float().cpu()
         bar.update(advance=1, note="done")

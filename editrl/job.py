@@ -1,10 +1,7 @@
-"""`editrl train` as one pipeline of stages, each a function that returns what the next needs:
+"""`editrl train` as one pipeline of stages (data -> SFT warm start -> Edit-GRPO -> its RunResult), each a function.
 
-    data (synthetic pairs into the cache) -> SFT warm start (when the recipe asks) -> Edit-GRPO -> its RunResult
-
-No trainer builds another: the warm start's SFT trainer is built, fitted and dropped before the Edit-GRPO trainer
-builds its policy, so one policy is in memory at a time. `phases` is the list the console numbers, decided from
-the same functions the stages run.
+The warm start's SFT trainer is dropped before the Edit-GRPO trainer builds its policy: one policy is in memory at a
+time. `phases`, the list the console numbers, is decided by the same functions the stages run.
 """
 
 from __future__ import annotations

@@ -154,7 +154,6 @@ def judge(
             console.print(summary(reports), markup=False, highlight=False)
             console.print(f"[green]wrote[/green] {', '.join(str(p) for p in paths.values())}")
             return
-        # run_cli turns an EditrlError (a judge server down, a bad row) into one line
         names, rows = score_folder(recipe, data, overrides, batch_size, max_frames, allow_outside=allow_outside, out=out)
         Console().print(render_table(names, rows))
         if out is not None:

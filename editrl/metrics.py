@@ -72,11 +72,8 @@ def _region(mask: Tensor | None, like: Tensor) -> Tensor | None:
 
 
 def _region_mean(values: Tensor, region: Tensor) -> Tensor:
-    """Mean of (B, T, C, h, w) values over the region's pixels (all channels) per sample.
-
-    The channels are summed first, so the (B, T, 1, h, w) region is applied without expanding it.
-    An empty region is 0 / 0 = NaN.
-    """
+    """Mean of (B, T, C, h, w) values over the region's pixels per sample (an empty region: 0 / 0 = NaN); the
+    channels are summed first, so the (B, T, 1, h, w) region is applied without expanding it."""
     total = values.sum(2).mul_(region[:, :, 0]).flatten(1).sum(1)
     return total / (region.flatten(1).sum(1) * values.shape[2])
 
@@ -129,17 +126,12 @@ def _moments(x: Tensor, y: Tensor, shift: float, dtype: torch.dtype) -> Tensor:
 
 
 def ssim_map(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
-    """Per-pixel SSIM (B, T, C, H - 10, W - 10) as Wang et al. (2004) define it.
+    """Per-pixel SSIM (B, T, C, H - 10, W - 10) as Wang et al. (2004) define it, without padding (the valid
+    interior only; frames smaller than the window use `_ssim_window`'s).
 
-    Gaussian window of 11 taps and sigma 1.5, C1 = (0.01 L)^2, C2 = (0.03 L)^2, population
-    (co)variances, and no padding: the map covers the valid interior only, pixel (i, j) of the map
-    being the window centred on (i + 5, j + 5). Frames smaller than 11 use the largest odd window
-    that fits (and the map shrinks by that window - 1).
-
-    The Gaussian is separable, so it is two 1-D passes; the five blurred maps (x, y, x², y², xy) are
-    the channels of one depthwise convolution per pass. On CUDA a float32 depthwise convolution runs
-    PyTorch's own kernel in full float32, not cuDNN, whose TF32 default would make E[x²] - E[x]²
-    err by about as much as C2.
+    The Gaussian is separable: two 1-D passes, each one depthwise convolution over the five maps of `_moments`. On
+    CUDA a float32 depthwise convolution runs PyTorch's own kernel in full float32, not cuDNN, whose TF32 default
+    would make E[x²] - E[x]² err by about as much as C2.
     """
     _check(a, b)
     B, T, C, H, W = a.shape
@@ -164,12 +156,8 @@ def ssim_map(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
 
 
 def ssim(a: Tensor, b: Tensor, mask: Tensor | None = None, data_range: float = 1.0) -> Tensor:
-    """Mean SSIM per sample over the valid interior (every frame and channel).
-
-    With a mask, the SSIM of the masked region alone: pixels outside it are copied from `b` (see the
-    module note), and the map is averaged over the mask cropped to the same interior; NaN where that
-    is empty. Samples go through `ssim_map` a few at a time to bound memory.
-    """
+    """Mean SSIM per sample over the valid interior (every frame and channel); with a mask, of the masked region
+    alone (see the module note), NaN where the mask cropped to that interior is empty."""
     _check(a, b)
     region = _region(mask, a)
     B, H, W = a.shape[0], a.shape[3], a.shape[4]
@@ -202,8 +190,7 @@ def fidelity(edited: Tensor, target: Tensor, mask: Tensor | None, metrics: Seque
 
 
 def preservation(edited: Tensor, source: Tensor, mask: Tensor, metrics: Sequence[Metric] = METRICS) -> dict[str, Tensor]:
-    """Oracle preservation: how well the edit keeps the source outside the edit mask (NaN for global edits).
-    Only the `metrics` asked for are computed."""
+    """Oracle preservation: how well the edit keeps the source outside the edit mask (NaN for global edits)."""
     _check(edited, source)
     region = _region(mask, edited)
     if region is None:

@@ -136,9 +136,7 @@ LIBRARY_LOG = "libraries.log"
 # save_pretrained when it is installed) reports the accelerator it picked, transformers logs a load report.
 LIBRARIES = ("transformers", "diffusers", "huggingface_hub", "peft", "bitsandbytes", "kernels", "accelerate", "DeepSpeed")
 # Those that speak when they are imported, wherever that happens (a plugin imported while a recipe is read, before any
-# run's log is open): bitsandbytes, imported by peft, pyiqa and diffusers, asks `kernels` for an optional CPU kernel
-# from the hub and reports that it could not have it ("Failed to load CPU gemm_4bit_forward ...", and, with
-# HF_HUB_OFFLINE=1, kernels' "Skipping publisher trust check ...").
+# run's log is open): bitsandbytes (imported by peft, pyiqa, diffusers) and `kernels`, failing to fetch a CPU kernel.
 IMPORT_TIME_LIBRARIES = ("bitsandbytes", "kernels")
 
 
@@ -349,8 +347,7 @@ class RunLogger:
         return f"  {self.label} step {step}{of}  " + "  ".join(shown)
 
     def save_samples(self, step: int, samples: list[EditSample], edited: torch.Tensor, limit: int = 4) -> None:
-        """source | edited side by side (edited alone when there is no source) under samples/: mp4s, or PNGs for
-        images."""
+        """source | edited side by side (edited alone without a source) under samples/: mp4s, or PNGs for images."""
         if not self.enabled:
             return
         import torch

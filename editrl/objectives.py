@@ -1,18 +1,8 @@
 """What an Edit-GRPO update optimises: the objective's contract, the built-in objectives, and the loss registry.
 
-The trainer rolls out, scores and computes advantages the same way for every objective, and calls the objective
-twice without knowing which one it is: `after_rollout` (what it needs from the sampling policy besides the
-trajectory, computed before any update) and `loss` (one trained step of a micro-batch, KL term included). The
-objective also says what the rollout keeps for it (`keeps_latents`, `keeps_means`) and has its own `Options`.
-
-A recipe names one as `grpo.loss`: a built-in, `module:attr`, or an entry point of the group `editrl.losses`; its
-options are `grpo.loss_options`. Two shapes are accepted:
-
-- a **likelihood loss**, a function `(log_prob, old_log_prob, advantages, clip_range) -> LossOutput` (Flow-GRPO's
-  family): the trainer scores the rollout's SDE steps under the current policy and the function turns the
-  log-probabilities into the policy-gradient loss; `Likelihood` runs it (and GRPO-Guard's `grpo.ratio_norm`);
-- an **objective class** with the members of `Objective`, built as `cls(options, grpo_config, sampling_config)`:
-  anything else, such as DiffusionNFT's likelihood-free loss on noised copies of the final sample.
+The trainer rolls out, scores and computes advantages the same way for every objective and calls it without knowing
+which one it is. `grpo.loss` names either a likelihood loss function, which `Likelihood` runs on the rollout's SDE
+steps, or an `Objective` class, built as `cls(options, grpo_config, sampling_config)` (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """The policy contract: a flow-matching model with trainable parts.
 
-`Policy` is the whole contract: the members the engine calls (required), and `OPTIONAL` ones that a policy may have,
-each with the engine's behaviour when it does not (tests/test_architecture.py holds the engine to this list).
-`LoraPolicy` is an optional base class that implements the LoRA half of it (trainable parameters, reference model,
-save/load, the optional members) with peft for any policy whose denoiser is a diffusers model, so a new model only
-writes encode / init_noise / velocity / decode. It also runs the denoiser at the card's pace (docs/performance.md):
-the adapter path in the model's dtype, the repeated blocks compiled (`DenoiserOptions.compile`) and the attention
-backend of the recipe's choice (`DenoiserOptions.attention`).
+`Policy` and `OPTIONAL` are the whole contract (tests/test_architecture.py holds the engine to them). `LoraPolicy`
+implements its LoRA half with peft for a diffusers denoiser, so a new model only writes encode / init_noise /
+velocity / decode, and runs the denoiser at the card's pace (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -77,10 +73,10 @@ OPTIONAL: dict[str, str] = {
 }
 
 
-def modules_for_training(policy: Any) -> list[nn.Module]:
-    """The policy's `modules_for_training()`, or none (OPTIONAL)."""
-    fn = getattr(policy, "modules_for_training", None)
-    return list(fn()) if fn is not None else []
+def train_mode(policy: Any, mode: bool) -> None:
+    """The policy's `modules_for_training()` (OPTIONAL: without it, none) put in train() or eval() mode."""
+    for module in getattr(policy, "modules_for_training", lambda: [])():
+        module.train(mode)
 
 
 @runtime_checkable
@@ -153,10 +149,8 @@ def training_graph(velocity: Callable[..., Tensor]) -> Callable[..., Tensor]:
 class LoraPolicy:
     """LoRA on `self.denoiser` (a diffusers `ModelMixin`), plus any fully trainable `extra_trainable` modules.
 
-    Subclasses set `Options` (a StrictModel with their recipe options, subclassing `DenoiserOptions`),
-    `default_lora_targets`, build their modules in `__init__(options, device, dtype)`, end it with
-    `self.configure_denoiser(options)`, decorate `velocity` with `@training_graph`, and call `self.add_lora(lora)`
-    when training with LoRA.
+    Subclasses set `Options` (subclassing `DenoiserOptions`) and `default_lora_targets`, end `__init__(options,
+    device, dtype)` with `self.configure_denoiser(options)` and decorate `velocity` with `@training_graph`.
     """
 
     Options: ClassVar[type[StrictModel]]
@@ -283,16 +277,11 @@ class LoraPolicy:
                 module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
     def modules_for_training(self) -> list[nn.Module]:
-        """Modules whose train()/eval() mode follows the trainer's phase."""
         return [self.denoiser, *self.extra_trainable.values()]
 
 
 def build_policy(name: str, options: dict[str, Any] | BaseModel, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Any:
-    """Instantiate a registered policy with validated options.
-
-    Building imports the model libraries and loads (or first builds) weights: their notices and progress bars go
-    to the run's libraries.log, not the console.
-    """
+    """Instantiate a registered policy with validated options; the model libraries' notices go to libraries.log."""
     from editrl.monitor import quiet_libraries
     from editrl.registry import POLICIES
 

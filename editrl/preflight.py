@@ -2,13 +2,8 @@
 
 `load_recipe` is how every command reads a recipe: the schema (`editrl.config.parse_recipe`), then `check`, which
 stops at the first problem with one `RecipeError` line naming the key. `preflight` is `--dry-run`'s list of what a
-recipe needs that is not here, all at once: paths (the `init_from` checkpoint, or the data its warm start trains on;
-the data sources) and what plugins report themselves: a policy or reward class may define a classmethod
-`preflight(options) -> list[str]` taking its validated `Options`, each string naming one missing piece (a checkpoint
-directory, a hub id absent from the local cache, a judge server that does not answer, IQA weights not on disk).
-Nothing is built and nothing is downloaded; plugins without the hook are taken to be ready. A dataset class may
-declare `provides`, the `EditSample` fields it fills: `check_reward_inputs` refuses, for training, a reward that cannot
-score without source or target videos (its `required` fields, else its `needs`) on data that lacks them.
+recipe needs that is not here, all at once: paths, and what a policy's or reward's own `preflight(options)` reports
+missing (a hub id absent from the local cache, a judge server that does not answer). Nothing is built or downloaded.
 """
 
 from __future__ import annotations
@@ -32,10 +27,8 @@ def load_recipe(
     check_paths: bool = True,
     model: type[Recipe] = Recipe,
 ) -> Recipe:
-    """Read, override, validate and cross-check a recipe. Raises RecipeError with a one-line message.
-
-    `check_paths=False` skips data and init paths (a checkpoint's recipe, read back only to rebuild the policy).
-    """
+    """Read, override, validate and cross-check a recipe (RecipeError, one line); `check_paths=False` skips data and
+    init paths (a checkpoint's recipe, read back only to rebuild the policy)."""
     return checked(parse_recipe(source, overrides, model), overrides, check_paths)
 
 
@@ -87,11 +80,6 @@ def _sde_kind(recipe: Recipe) -> None:
         raise RecipeError(f"sampling.sde: {s.sde} failed on a test step (sigma 0.5 -> 0.4): {type(e).__name__}: {e}") from None
 
 
-def options_model(obj: Any) -> Any:
-    """A plugin's pydantic `Options` model, or None (plain functions and classes without one)."""
-    return getattr(obj, "Options", None)
-
-
 def plugin_names(recipe: Recipe) -> list[tuple[str, str]]:
     """(recipe key, name) of every plugin a recipe names: its policy, dataset kinds, generators, loss, SDE kind, rewards."""
     names = [("policy.name", recipe.policy.name)]
@@ -122,12 +110,17 @@ def check_source(name: str, where: str, plugins: list[str]) -> None:
                       f"(run.plugins=[{module}]) if you trust that package")
 
 
-def _callable(obj: Any, name: str, where: str, what: str) -> None:
-    """A plugin must be a class or a function; a reward class's instances must be callable too."""
+def _plugin(recipe: Recipe, registry: Registry[Any], name: str, key: str, options: Any) -> None:
+    """The plugin `name` at recipe key `key` (`policy`, `data.train`, `rewards.terms.N`) exists and is a class or a
+    function (a reward class's instances callable too); its `Options`, if any, validate `options` and are kept."""
+    where, what = f"{key}.kind" if key.startswith("data.") else f"{key}.name", registry.kind
+    obj = _lookup(registry, name, where)
     if not callable(obj):
         raise RecipeError(f"{where}: {name!r} is a {type(obj).__name__}, not a {what} class or function")
     if what == "reward" and inspect.isclass(obj) and not any("__call__" in vars(k) for k in obj.__mro__[:-1]):
         raise RecipeError(f"{where}: {name!r} is a class whose instances cannot be called: define __call__(batch)")
+    if getattr(obj, "Options", None) is not None:
+        recipe.keep_options(key, validate_model(obj.Options, options, f"{key}.options."))
 
 
 def check(recipe: Recipe, check_paths: bool = True) -> None:
@@ -140,11 +133,8 @@ def check(recipe: Recipe, check_paths: bool = True) -> None:
         check_source(name, where, recipe.run.plugins)
     _sde_kind(recipe)
     build_objective(recipe)
-    policy_cls = _lookup(POLICIES, recipe.policy.name, "policy.name")
-    _callable(policy_cls, recipe.policy.name, "policy.name", "policy")
-    if options_model(policy_cls) is not None:
-        recipe.keep_options("policy", validate_model(policy_cls.Options, recipe.policy.options, "policy.options."))
     pc = recipe.policy
+    _plugin(recipe, POLICIES, pc.name, "policy", pc.options)
     if pc.warm_start is not None:
         if pc.init_from is None:
             raise RecipeError("policy.warm_start: set policy.init_from to the directory the warm start writes")
@@ -156,12 +146,8 @@ def check(recipe: Recipe, check_paths: bool = True) -> None:
         raise RecipeError(f"policy.init_from: {pc.init_from} does not exist")
     for split in ("train", "eval"):
         src = getattr(recipe.data, split)
-        if src is None:
-            continue
-        cls = _lookup(DATASETS, src.kind, f"data.{split}.kind")
-        _callable(cls, src.kind, f"data.{split}.kind", "dataset")
-        if options_model(cls) is not None:
-            recipe.keep_options(f"data.{split}", validate_model(cls.Options, src.options, f"data.{split}.options."))
+        if src is not None:
+            _plugin(recipe, DATASETS, src.kind, f"data.{split}", src.options)
     missing = _data(recipe, "") if check_paths else []
     if missing:
         raise RecipeError(missing[0])
@@ -172,11 +158,7 @@ def check(recipe: Recipe, check_paths: bool = True) -> None:
     if dup:
         raise RecipeError(f"rewards: {dup!r} appears twice; give one of them a `label`")
     for i, term in enumerate(recipe.rewards.terms):
-        reward = _lookup(REWARDS, term.name, f"rewards.terms.{i}.name")
-        _callable(reward, term.name, f"rewards.terms.{i}.name", "reward")
-        opts = options_model(reward)
-        if opts is not None:
-            recipe.keep_options(f"rewards.terms.{i}", validate_model(opts, term.options, f"rewards.terms.{i}.options."))
+        _plugin(recipe, REWARDS, term.name, f"rewards.terms.{i}", term.options)
 
 
 def check_reward_inputs(recipe: Recipe) -> None:

@@ -11,7 +11,7 @@ import difflib
 import importlib
 import traceback
 from importlib import metadata
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from editrl.base import EditrlError, RecipeError
 
@@ -106,10 +106,6 @@ class Registry(Generic[T]):
         self._load_entry_points()
         return sorted(self._items)
 
-    def __contains__(self, name: str) -> bool:
-        self._load_entry_points()
-        return name in self._items or (":" in name)
-
     def get(self, name: str) -> T:
         """The factory for `name`, importing it if it was registered lazily."""
         self._load_entry_points()
@@ -122,9 +118,6 @@ class Registry(Generic[T]):
             obj = import_string(obj)
             self._items[name] = obj
         return obj
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """`name`'s factory called with these arguments. A user's plugin that raises while it starts (a missing

@@ -1,15 +1,13 @@
 """The reward contract, and the one place that turns recipe reward entries into callables.
 
-A reward is either
-- a class with `needs` (which inputs it reads), optional `Options` (a StrictModel of its recipe options)
-  and `__call__(batch: RewardBatch) -> RewardOutput` (may be `async def`), or
-- a plain function in trl's convention: `fn(instructions, sources, edited, references, **kw) ->
-  list[float | None]`, where None means "no score" (it is excluded, never read as 0).
+A reward is a class with `needs`, optional `Options` and `__call__(batch) -> RewardOutput` (may be async), or a
+function in trl's convention returning `list[float | None]`, where None means "no score" (excluded, never read as 0).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import threading
 from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
@@ -146,10 +144,8 @@ async def _in_thread(fn: Callable[[], Any], timeout: float | None, name: str) ->
             value, error = fn(), None
         except BaseException as e:  # noqa: BLE001 - handed to the awaiting loop, which decides
             value, error = None, e
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop has moved on (the reward was late): nobody waits for it
             loop.call_soon_threadsafe(settle, value, error)
-        except RuntimeError:  # the loop has moved on (the reward was late): nobody waits for this answer
-            pass
 
     threading.Thread(target=work, name=f"reward {name}", daemon=True).start()
     return await asyncio.wait_for(done, timeout)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -20,11 +20,9 @@ def plan_steps(
     iteration: int,
     generator: torch.Generator,
 ) -> tuple[list[int], list[int]]:
-    """(SDE steps, trained steps) for one training iteration.
+    """(SDE steps, trained steps) for one training iteration; trained steps are a random subset of the SDE steps.
 
     Candidates are steps 0..num_steps-2: the last step lands on sigma=0, where several kinds have no noise.
-    `random` draws the window start each iteration, `sliding` moves it by `stride` per iteration (MixGRPO),
-    `fixed` keeps it. Trained steps are a random subset of the SDE steps (Flow-GRPO-Fast).
     """
     candidates = num_steps - 1
     size = window.size if window.size is not None else candidates
@@ -102,12 +100,17 @@ def rollout(
 
 
 @torch.no_grad()
-def sample_ode(policy: Policy, cond: Condition, steps: int, shift: float, generator: torch.Generator) -> Tensor:
-    """Deterministic sampling (evaluation, inference): x0 latents, by the SDE module's `ode` step."""
+def sample_ode(
+    policy: Policy, cond: Condition, steps: int, shift: float, generator: torch.Generator,
+    tick: Callable[[], None] = lambda: None,
+) -> Tensor:
+    """Deterministic sampling (evaluation, inference): x0 latents, by the SDE module's `ode` step; `tick()` after each
+    step (a progress bar)."""
     schedule = sde.sigma_schedule(steps, shift).tolist()
     x = policy.init_noise(cond, generator)
     for sigma, sigma_next in zip(schedule[:-1], schedule[1:]):
         v = policy.velocity(x, torch.full((x.shape[0],), sigma, device=x.device), cond)
+        tick()
         x = sde.step("ode", x, v, sigma, sigma_next, noise_level=0.0).prev_sample.to(x.dtype)
     return x
 

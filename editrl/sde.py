@@ -33,10 +33,8 @@ SDE_KINDS: Registry[Transition] = Registry("sde kind", "editrl.sde_kinds")
 
 
 def _expand(s: float | Tensor, like: Tensor) -> Tensor:
-    """A float or (B,) sigma as float32 (B, 1, ..., 1) on `like`'s device.
-
-    A float is filled on the device (no host-to-device copy, so no stall of a rollout loop); a tensor keeps its values.
-    """
+    """A float or (B,) sigma as float32 (B, 1, ..., 1) on `like`'s device; a float is filled there (no host-to-device
+    copy, so no stall of a rollout loop)."""
     if isinstance(s, Tensor):
         t = s.to(device=like.device, dtype=torch.float32)
         t = t.expand(like.shape[0]) if t.ndim == 0 else t
@@ -106,9 +104,8 @@ def step(
 ) -> SdeStep:
     """Draw x at sigma_next (rollout), or score `prev_sample` (training), under the kind's transition.
 
-    `cps_logprob="flow_grpo"` scores a `cps` step as Flow-GRPO's CPS code does (flow_grpo's sd3_sde_with_logprob,
-    `sde_type == 'cps'`): -mean((x_next - mean)^2), the exact Gaussian log-density without its 1/(2 std^2) factor and
-    constants, so a log-ratio is 2 std^2 times the exact one. Other kinds are always scored exactly.
+    `cps_logprob="flow_grpo"` scores a `cps` step as flow_grpo's sd3_sde_with_logprob does (`sampling.cps_logprob`);
+    other kinds are always scored exactly.
 
     The checks (sigmas decreasing, noise where the kind needs it) run on host copies of the sigmas, so a step with
     float sigmas reads nothing back from the device. Noise is drawn by `generator` on its own device: the trainer

@@ -3,8 +3,7 @@
 Works for any policy that, besides the policy protocol, implements `encode_target(samples) -> Tensor` (the x0
 latents of the targets). With x_sigma = (1 - sigma) x0 + sigma eps the model is trained to predict
 v = eps - x0 (DESIGN.md §4); sigmas are drawn uniform or logit-normal (SD3), then shifted by `sampling.shift`
-as at sampling time. Checkpoints use the engine's layout, so a GRPO recipe starts from one with
-`policy.init_from: DIR` and `editrl edit --checkpoint DIR` runs one.
+as at sampling time.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from torch import Tensor
 
 from editrl.base import DataError, RecipeError
 from editrl.config import SftConfig, SftRecipe
-from editrl.policy import modules_for_training
+from editrl.policy import train_mode
 from editrl.harness import Harness, derive_seed
 from editrl.types import EditSample
 
@@ -42,10 +41,8 @@ def flow_matching_loss(
     generator: torch.Generator,
     forward: Callable[..., Tensor] | None = None,
 ) -> Tensor:
-    """Mean squared error between the predicted and the true velocity eps - x0 at random noise levels.
-
-    `forward(fn, *args)` runs the trained call (the backend's, so DeepSpeed's engine hooks see it).
-    """
+    """Mean squared error between the predicted and the true velocity eps - x0 at random noise levels; `forward(fn,
+    *args)` runs the trained call (the backend's, so DeepSpeed's engine hooks see it)."""
     cond = policy.encode(samples)
     x0 = policy.encode_target(samples).float()
     eps = torch.randn(x0.shape, generator=generator).to(x0.device)
@@ -94,15 +91,13 @@ class SftTrainer(Harness):
         samples = self.loader.get(self.cursor.take(r.sft.batch_size))
         self.loader.prefetch(self.cursor.peek(r.sft.batch_size))
         _requires_targets(samples)
-        for m in modules_for_training(self.policy):
-            m.train()
+        train_mode(self.policy, True)
         gen = torch.Generator().manual_seed(derive_seed(r.run.seed, self.step))
         loss = flow_matching_loss(self.policy, samples, r.sft, r.sampling.shift, gen, forward=self.backend.forward)
         self.backend.backward(loss)
         grad_norm = self.backend.step()
         self.backend.schedule_step()
-        for m in modules_for_training(self.policy):
-            m.eval()
+        train_mode(self.policy, False)
         self.step += 1
         return {"train/loss": float(loss.detach()), "train/grad_norm": grad_norm, "lr": self.backend.lr, "time/step": time.perf_counter() - t0}
 

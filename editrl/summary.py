@@ -175,8 +175,6 @@ def _prog() -> str:
 def _show(path: Path) -> str:
     """A path relative to the working directory when it is inside it, else absolute; quoted for a shell."""
     path = path.absolute()
-    try:
+    if path.is_relative_to(Path.cwd()):
         path = path.relative_to(Path.cwd())
-    except ValueError:
-        pass
     return shlex.quote(str(path))

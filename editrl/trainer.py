@@ -12,7 +12,6 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,7 +21,7 @@ from editrl.objectives import TrainedStep, build_objective
 from editrl.base import TrainingError
 from editrl.config import Layout, Recipe
 from editrl.evaluate import ORACLE_COLUMNS, YARDSTICKS, EvalReport, ode_editor, recipe_rewards, save_grid
-from editrl.policy import modules_for_training
+from editrl.policy import train_mode
 from editrl.harness import Harness, Timer, derive_seed
 from editrl.monitor import console
 from editrl.reward import RewardSet, reward_batch
@@ -106,7 +105,7 @@ class Trainer(Harness):
         r, s, g = self.recipe, self.recipe.sampling, self.recipe.grpo
         plan_gen = torch.Generator().manual_seed(derive_seed(r.run.seed, self.step, 1))
         sde_steps, trained = plan_steps(s.steps, s.window, g.trained_steps, self.step, plan_gen)
-        conds, trajs, edited, futures = [], [], [], []
+        conds, trajs, edited, scored = [], [], [], []  # scored: rewards, or futures of them
         needs = self.rewards.needs
         for chunk, seed in zip(chunks, seeds):
             with timer("encode"):
@@ -128,15 +127,15 @@ class Trainer(Harness):
             members = [smp for smp in chunk for _ in range(g.group_size)]
             batch = reward_batch(members, pixels, needs)
             if g.async_rewards:
-                futures.append(self.pool.submit(self.rewards.score, batch))
+                scored.append(self.pool.submit(self.rewards.score, batch))
             else:
                 with timer("reward"):
-                    futures.append(_done(self.rewards.score(batch)))
+                    scored.append(self.rewards.score(batch))
             conds.append(cond)
             trajs.append(traj)
             edited.append(pixels)
         with timer("reward"):
-            rewards = _cat_rewards([f.result() for f in futures])
+            rewards = _cat_rewards([s.result() if isinstance(s, cf.Future) else s for s in scored])
         samples = [smp for chunk in chunks for smp in chunk for _ in range(g.group_size)]
         group_ids = torch.arange(len(samples) // g.group_size).repeat_interleave(g.group_size)
         return Rollouts(samples, group_ids, Condition.cat(conds), Trajectory.cat(trajs), torch.cat(edited), rewards)
@@ -248,8 +247,7 @@ class Trainer(Harness):
         # Statistics stay on the device until the update is done: reading one back would stall every micro-step.
         stats: dict[str, list[Tensor]] = defaultdict(list)
         ratio_by_step: dict[tuple[int, str], list[Tensor]] = defaultdict(list)  # (step, "" or "raw_"): ratios
-        for m in modules_for_training(self.policy):
-            m.train()
+        train_mode(self.policy, True)
         with timer("train"):
             for u in range(0, len(micro), per_update):
                 update = micro[u : u + per_update]
@@ -277,8 +275,7 @@ class Trainer(Harness):
                 grad_norms.append(self.backend.step())
                 if self.ema is not None:
                     self.ema.step(self.policy.trainable_parameters())
-        for m in modules_for_training(self.policy):
-            m.eval()
+        train_mode(self.policy, False)
         names, values = [f"train/{k}" for k in stats], [torch.stack(v).float().mean() for v in stats.values()]
         for (step_i, kind), ratios in sorted(ratio_by_step.items()):
             ratio = torch.cat(ratios).float()
@@ -330,11 +327,9 @@ class Trainer(Harness):
         return out
 
     def evaluate(self) -> dict[str, float]:
-        """The held-out benchmark (`editrl.evaluate`, as `editrl eval` runs it) on the eval split with deterministic
-        (ODE) edits: the recipe's rewards (`eval/<term>`) and, where the split has ground truth, the oracle metrics
-        (`eval/oracle/*`: PSNR and SSIM of fidelity and preservation, temporal, smoothness), numbers that include
-        metrics the policy was not trained on; `eval/total` is the recipe's weighted reward. Beside them stand the
-        yardsticks, `eval/copy/*` (the source returned unedited) and `eval/ceiling/*` (the target through the VAE)."""
+        """The held-out benchmark (`editrl.evaluate`, as `editrl eval` runs it) with ODE edits: the recipe's rewards
+        (`eval/<term>`, weighted into `eval/total`), the oracle metrics the policy was not trained on (`eval/oracle/*`)
+        and the yardsticks (`eval/copy/*`, `eval/ceiling/*`)."""
         from editrl.evaluate import evaluate as benchmark, yardsticks
 
         assert self.eval_data is not None
@@ -371,7 +366,6 @@ class Trainer(Harness):
 
     def finish(self) -> None:
         if self.eval_data is not None and self.recipe.train.eval_every is not None and self.backend.is_main:
-            from editrl.monitor import console
             from editrl.summary import print_eval_before_after
 
             print_eval_before_after(self.run_dir, console)
@@ -395,12 +389,6 @@ def _cat_rewards(outs: list[dict[str, RewardOutput]]) -> dict[str, RewardOutput]
         )
         for name in outs[0]
     }
-
-
-def _done(value: Any) -> cf.Future:
-    f: cf.Future = cf.Future()
-    f.set_result(value)
-    return f
 
 
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, accept_changes: bool = False) -> Path:

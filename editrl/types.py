@@ -8,7 +8,7 @@ Conventions used everywhere:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -56,9 +56,6 @@ class Condition:
             idx = torch.as_tensor(idx, dtype=torch.long)
             n = int(idx.numel())
         return self._map(lambda t: t[idx], n)
-
-    def to(self, device: torch.device | str) -> Condition:
-        return self._map(lambda t: t.to(device), self.batch_size)
 
     @staticmethod
     def cat(conds: list[Condition]) -> Condition:
@@ -136,18 +133,6 @@ class RewardBatch:
 
     def __len__(self) -> int:
         return len(self.instructions)
-
-    def select(self, idx: list[int]) -> RewardBatch:
-        """Sub-batch, e.g. the samples a cache did not already answer."""
-
-        def pick(v: Any) -> Any:
-            if v is None:
-                return None
-            if isinstance(v, Tensor):
-                return v[torch.as_tensor(idx, dtype=torch.long)]
-            return [v[i] for i in idx]
-
-        return RewardBatch(**{f.name: pick(getattr(self, f.name)) for f in fields(self)})
 
 
 @dataclass
