@@ -135,7 +135,7 @@ class Trainer(Harness):
             trajs.append(traj)
             edited.append(pixels)
         with timer("reward"):
-            rewards = _cat_rewards([s.result() if isinstance(s, cf.Future) else s for s in scored])
+            rewards = _cat_rewards([out.result() if isinstance(out, cf.Future) else out for out in scored])
         samples = [smp for chunk in chunks for smp in chunk for _ in range(g.group_size)]
         group_ids = torch.arange(len(samples) // g.group_size).repeat_interleave(g.group_size)
         return Rollouts(samples, group_ids, Condition.cat(conds), Trajectory.cat(trajs), torch.cat(edited), rewards)
