@@ -1,7 +1,8 @@
 """The reward contract, and the one place that turns recipe reward entries into callables.
 
 A reward is a class with `needs`, optional `Options` and `__call__(batch) -> RewardOutput` (may be async), or a
-function in trl's convention returning `list[float | None]`, where None means "no score" (excluded, never read as 0).
+function in trl's convention, `fn(instructions, sources, edited, references, **kw) -> list[float | None]`, where None
+means "no score" (excluded, never read as 0).
 """
 
 from __future__ import annotations
